@@ -1,0 +1,67 @@
+"""peerflow: event-driven trio workflows that hand sub-workflows to peers.
+
+This module is a thin facade: everything public is re-exported here, and each
+object's ``__module__`` is fixed up to ``"peerflow"``.
+"""
+
+from __future__ import annotations
+
+import types
+
+from ._refs.descriptor import RefLifetime as RefLifetime
+from ._refs.descriptor import RemoteRefDescriptor as RemoteRefDescriptor
+from .errors import DuplicateStepError as DuplicateStepError
+from .errors import PeerAuthError as PeerAuthError
+from .errors import PeerEncodeError as PeerEncodeError
+from .errors import PeerEnvelopeVersionError as PeerEnvelopeVersionError
+from .errors import PeerError as PeerError
+from .errors import PeerflowError as PeerflowError
+from .errors import PeerLimitError as PeerLimitError
+from .errors import PeerRefNotFoundError as PeerRefNotFoundError
+from .errors import PeerRefNotSerializableError as PeerRefNotSerializableError
+from .errors import PeerTimeoutError as PeerTimeoutError
+from .errors import PeerTlsError as PeerTlsError
+from .errors import PeerTransportError as PeerTransportError
+from .errors import PeerUnknownStepError as PeerUnknownStepError
+from .errors import PeerWorkflowError as PeerWorkflowError
+from .errors import RefCapacityError as RefCapacityError
+from .errors import RefError as RefError
+from .errors import RefNotFoundError as RefNotFoundError
+from .errors import RefNotSerializableError as RefNotSerializableError
+from .errors import StepError as StepError
+from .errors import StepTimeoutError as StepTimeoutError
+from .errors import UnroutableEventError as UnroutableEventError
+from .errors import WorkflowError as WorkflowError
+from .errors import WorkflowTimeoutError as WorkflowTimeoutError
+
+# --- engine exports (owned by the engine work) ---
+# --- end engine exports ---
+
+# --- wire exports (owned by the wire work) ---
+# --- end wire exports ---
+
+# --- peer exports (owned by the peer work) ---
+# --- end peer exports ---
+
+__version__ = "0.1.0.dev0"
+
+__all__ = sorted(
+    name
+    for name, value in globals().items()
+    if not name.startswith("_") and isinstance(value, type | types.FunctionType)
+)
+
+
+def _fixup_module_names() -> None:
+    # Public objects report "peerflow" as their module, as trio and httpcore
+    # do, so reprs and docs show the public path rather than a private one.
+    for name in __all__:
+        obj = globals()[name]
+        if getattr(obj, "__module__", "").startswith("peerflow."):
+            try:
+                obj.__module__ = __name__
+            except (AttributeError, TypeError):  # pragma: no cover - builtins
+                pass
+
+
+_fixup_module_names()
