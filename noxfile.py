@@ -1,0 +1,58 @@
+"""Developer sessions: tests on every supported Python, lint, typecheck, examples..."""
+
+from __future__ import annotations
+
+import glob
+import os
+import pathlib
+
+import nox
+
+PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
+ROOT = pathlib.Path(__file__).parent
+
+nox.options.sessions = ["tests", "lint", "typecheck", "examples"]
+nox.options.error_on_missing_interpreters = False
+
+
+def _expose_pyenv_interpreters() -> None:
+    # pyenv's shims only answer for the globally selected version, so put each
+    # installed version's own bin directory on PATH for nox to find.
+    found = sorted(glob.glob("/root/.pyenv/versions/3.*/bin"), reverse=True)
+    if found:
+        os.environ["PATH"] = os.pathsep.join([*found, os.environ.get("PATH", "")])
+
+
+_expose_pyenv_interpreters()
+
+
+@nox.session(python=PYTHONS)
+def tests(session: nox.Session) -> None:
+    """Run the test suite."""
+    session.install("-e", ".[test]")
+    session.run("python", "-m", "pytest", *session.posargs)
+
+
+@nox.session(python="3.11")
+def lint(session: nox.Session) -> None:
+    """ruff: lint and format check."""
+    session.install("ruff")
+    session.run("ruff", "check", "src", "tests", "benchmarks", "examples", "noxfile.py")
+    session.run("ruff", "format", "--check", "src", "tests", "benchmarks", "examples")
+
+
+@nox.session(python="3.11")
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict on the package."""
+    session.install("-e", ".", "mypy")
+    session.run("mypy")
+
+
+@nox.session(python="3.11")
+def examples(session: nox.Session) -> None:
+    """Run every example script; each must exit 0 on its own."""
+    session.install("-e", ".")
+    for script in sorted((ROOT / "examples").glob("*.py")):
+        if script.name.startswith("_"):
+            continue
+        session.run("python", str(script))
