@@ -43,6 +43,15 @@ from .errors import WorkflowTimeoutError as WorkflowTimeoutError
 # --- peer exports (owned by the peer work) ---
 # --- end peer exports ---
 
+# --- security exports (owned by the security work) ---
+# isort: off
+from ._peer.auth import peer_token_env as peer_token_env
+from ._peer.auth import resolve_peer_token as resolve_peer_token
+from ._transport.tls import load_client_tls as load_client_tls
+from ._transport.tls import load_server_tls as load_server_tls
+# isort: on
+# --- end security exports ---
+
 __version__ = "0.1.0.dev0"
 
 __all__ = sorted(
