@@ -43,7 +43,7 @@ _H2_TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20"
 _CERT_BLOCK = re.compile(
     r"-----BEGIN CERTIFICATE-----(?P<body>.*?)-----END CERTIFICATE-----", re.DOTALL
 )
-_KEY_BEGIN = re.compile(r"-----BEGIN (?P<kind>[A-Z0-9 ]*?)\s*PRIVATE KEY-----")
+_KEY_BEGIN = re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----")
 
 # The handshake over memory BIOs takes two or three round trips; the bound
 # only guards against looping forever on an OpenSSL surprise.
@@ -286,11 +286,8 @@ def _check_certificate_file(path: str) -> None:
 
 def _check_key_file(path: str) -> None:
     text = _read_pem_text(path)
-    match = _KEY_BEGIN.search(text)
-    if match is None:
+    if _KEY_BEGIN.search(text) is None:
         _fail("not a PEM private key (no BEGIN PRIVATE KEY block)", path)
-    if match["kind"] == "ENCRYPTED" or "Proc-Type: 4,ENCRYPTED" in text:
-        _fail("private key is encrypted; peerflow needs an unencrypted key file", path)
 
 
 class _EncryptedKeyError(Exception):
@@ -298,8 +295,8 @@ class _EncryptedKeyError(Exception):
 
 
 def _refuse_password() -> NoReturn:
-    # Without a callback OpenSSL would prompt on the terminal and block the
-    # process; _check_key_file catches the usual cases, this catches the rest.
+    # OpenSSL asks for a password only for an encrypted key; without this
+    # callback it would prompt on the terminal and block the process.
     raise _EncryptedKeyError
 
 
