@@ -35,6 +35,22 @@ from .errors import WorkflowError as WorkflowError
 from .errors import WorkflowTimeoutError as WorkflowTimeoutError
 
 # --- engine exports (owned by the engine work) ---
+from ._engine.context import Context as Context
+from ._engine.events import DynamicEvent as DynamicEvent
+from ._engine.events import Event as Event
+from ._engine.events import StartEvent as StartEvent
+from ._engine.events import StopEvent as StopEvent
+from ._engine.run import RunResult as RunResult
+from ._engine.run import WorkflowHandle as WorkflowHandle
+from ._engine.steps import StepRegistry as StepRegistry
+from ._engine.steps import StepSpec as StepSpec
+from ._engine.workflow import Workflow as Workflow
+from ._refs.registry import RefEntry as RefEntry
+from ._refs.registry import RefRegistryStatistics as RefRegistryStatistics
+from ._refs.registry import RefsView as RefsView
+from ._refs.registry import SessionRefRegistry as SessionRefRegistry
+from ._refs.serializers import RefTypeSerializer as RefTypeSerializer
+from ._refs.serializers import register_ref_type as register_ref_type
 # --- end engine exports ---
 
 # --- wire exports (owned by the wire work) ---
