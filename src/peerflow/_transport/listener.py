@@ -1,0 +1,247 @@
+"""One TCP port for HTTP/2 and HTTP/1.1: accept, pick the protocol, hand off.
+
+The protocol is chosen by TLS ALPN when the handshake settled it, otherwise
+by sniffing the HTTP/2 client preface. An HTTP/1.1 connection goes to the
+``http1_handler`` wrapped in a PrefixedStream that replays the sniffed bytes.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from ..errors import PeerTransportError
+from .config import H2Settings
+from .h2conn import StreamHandler, serve_h2_connection
+from .mapping import map_exceptions
+
+__all__ = [
+    "H2_PREFACE",
+    "PrefixedStream",
+    "connect_tcp",
+    "handle_connection",
+    "reject_http1",
+    "serve_tcp",
+]
+
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+Http1Handler = Callable[[trio.abc.Stream], Awaitable[object]]
+
+logger = logging.getLogger("peerflow.transport")
+
+# Running out of descriptors or memory is transient: wait and accept again
+# instead of taking the whole server down.
+_ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+_MAX_HTTP1_HEAD = 16 * 1024
+
+
+class PrefixedStream(trio.abc.Stream):
+    """A stream that first replays ``prefix``, then reads from ``stream``.
+
+    Used to hand a connection on after peeking at its first bytes. Sending
+    and closing go straight to the wrapped stream.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, prefix: bytes) -> None:
+        self.stream = stream
+        self._prefix = prefix
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if self._prefix:
+            await trio.lowlevel.checkpoint()
+            size = len(self._prefix) if max_bytes is None else max_bytes
+            data, self._prefix = self._prefix[:size], self._prefix[size:]
+            return data
+        return await self.stream.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+async def reject_http1(stream: trio.abc.Stream) -> None:
+    """The placeholder HTTP/1.1 handler: answer 505 (or 400 for non-HTTP) and close.
+
+    Reads at most 16 KiB of request head, within whatever deadline the
+    caller set.
+    """
+    head = b""
+    try:
+        while b"\r\n\r\n" not in head and len(head) < _MAX_HTTP1_HEAD:
+            data = await stream.receive_some(4096)
+            if not data:
+                break
+            head += data
+        first_line = head.split(b"\r\n", 1)[0]
+        if b" HTTP/1." in first_line:
+            status, text = b"505 HTTP Version Not Supported", b"this port speaks HTTP/2 only\n"
+        else:
+            status, text = b"400 Bad Request", b"expected an HTTP/2 or HTTP/1.1 request\n"
+        await stream.send_all(
+            b"HTTP/1.1 " + status + b"\r\ncontent-type: text/plain\r\nconnection: close\r\n"
+            b"content-length: " + str(len(text)).encode() + b"\r\n\r\n" + text
+        )
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+async def _sniff(stream: trio.abc.Stream) -> bytes:
+    buffer = b""
+    while len(buffer) < len(H2_PREFACE) and H2_PREFACE.startswith(buffer):
+        data = await stream.receive_some(65536)
+        if not data:
+            break
+        buffer += data
+    return buffer
+
+
+async def handle_connection(
+    stream: trio.abc.Stream,
+    h2_handler: StreamHandler,
+    *,
+    settings: H2Settings | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+    http1_handler: Http1Handler = reject_http1,
+) -> None:
+    """Serve one accepted connection: TLS, protocol choice, then the right driver.
+
+    The TLS handshake and the preface must both arrive within the settings'
+    ``handshake_timeout``, or the connection is closed. Failures of this one
+    connection are logged and swallowed: they never reach the accept loop.
+    """
+    settings = settings or H2Settings()
+    timeout = settings.handshake_timeout
+    deadline = trio.current_time() + timeout if timeout is not None else float("inf")
+    try:
+        alpn = None
+        prefix = b""
+        with trio.move_on_at(deadline) as scope:
+            if ssl_context is not None:
+                tls = trio.SSLStream(stream, ssl_context, server_side=True)
+                stream = tls
+                with map_exceptions("TLS handshake failed"):
+                    await tls.do_handshake()
+                alpn = tls.selected_alpn_protocol()
+            if alpn is None:
+                with map_exceptions("connection lost before its first request"):
+                    prefix = await _sniff(stream)
+        if scope.cancelled_caught:
+            logger.debug("closing a connection that sent no preface within %ss", timeout)
+            return
+        if alpn == "h2" or (alpn is None and prefix.startswith(H2_PREFACE)):
+            await serve_h2_connection(stream, h2_handler, settings, initial_data=prefix)
+        elif prefix or alpn is not None:
+            with trio.move_on_at(deadline):
+                await http1_handler(PrefixedStream(stream, prefix))
+    except PeerTransportError as exc:
+        logger.debug("connection failed: %s", exc)
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+async def serve_tcp(
+    h2_handler: StreamHandler,
+    port: int,
+    *,
+    host: str | None = None,
+    settings: H2Settings | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+    http1_handler: Http1Handler = reject_http1,
+    max_connections: int = 1024,
+    task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Listen on ``host:port`` and serve every connection with ``handle_connection``.
+
+    Port 0 picks an ephemeral port; ``task_status`` reports the bound
+    ``(host, port)`` of every listening socket. At ``max_connections``
+    open connections the accept loop stops accepting until one closes: new
+    clients wait in the kernel's backlog rather than being refused. trio
+    sets TCP_NODELAY on accepted sockets. Cancelling ``serve_tcp`` stops
+    accepting at once and gives every HTTP/2 connection a graceful GOAWAY
+    drain of ``settings.grace_period``.
+
+    Raises:
+        PeerTransportError: the port cannot be bound.
+    """
+    with map_exceptions(f"cannot listen on {host or '*'}:{port}"):
+        listeners = await trio.open_tcp_listeners(port, host=host)
+    limiter = trio.CapacityLimiter(max_connections)
+
+    async def serve_one(stream: trio.SocketStream, token: object) -> None:
+        try:
+            await handle_connection(
+                stream,
+                h2_handler,
+                settings=settings,
+                ssl_context=ssl_context,
+                http1_handler=http1_handler,
+            )
+        finally:
+            limiter.release_on_behalf_of(token)
+
+    async def accept_loop(listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        async with listener:
+            while True:
+                token = object()
+                await limiter.acquire_on_behalf_of(token)
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    limiter.release_on_behalf_of(token)
+                    if exc.errno not in _ACCEPT_RETRY_ERRNOS:
+                        raise
+                    logger.warning("accept failed (%s); retrying in 100 ms", exc)
+                    await trio.sleep(0.1)
+                    continue
+                except BaseException:
+                    limiter.release_on_behalf_of(token)
+                    raise
+                nursery.start_soon(serve_one, stream, token)
+
+    async with trio.open_nursery() as nursery:
+        addresses: list[tuple[str, int]] = []
+        for listener in listeners:
+            sockname = listener.socket.getsockname()
+            addresses.append((sockname[0], sockname[1]))
+            nursery.start_soon(accept_loop, listener, nursery)
+        task_status.started(addresses)
+
+
+async def connect_tcp(
+    host: str,
+    port: int,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    server_hostname: str | None = None,
+) -> trio.abc.Stream:
+    """Open a TCP connection (with TLS when ``ssl_context`` is given).
+
+    Raises:
+        PeerTransportError: the connection was refused or failed, or the TLS
+            handshake failed; the message names ``host:port``.
+        PeerTimeoutError: a deadline set by the caller passed.
+    """
+    with map_exceptions(f"cannot connect to {host}:{port}"):
+        stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
+    if ssl_context is None:
+        return stream
+    tls = trio.SSLStream(stream, ssl_context, server_hostname=server_hostname or host)
+    try:
+        with map_exceptions(f"TLS handshake with {host}:{port} failed"):
+            await tls.do_handshake()
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
+    return tls

@@ -1,0 +1,102 @@
+"""The one table that turns trio, h2 and OS exceptions into peerflow errors."""
+
+from __future__ import annotations
+
+import ssl
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import h2.exceptions
+import trio
+
+from ..errors import PeerflowError, PeerTimeoutError, PeerTransportError
+
+if sys.version_info < (3, 11):  # pragma: no cover - depends on the interpreter
+    from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
+
+__all__ = ["collapse_excgroups", "map_exceptions", "to_peer_error"]
+
+# Order matters: the first matching row wins, so subclasses come first
+# (TimeoutError and ssl.SSLError are OSErrors).
+_TABLE: tuple[tuple[type[BaseException], type[PeerTransportError]], ...] = (
+    (trio.TooSlowError, PeerTimeoutError),
+    (TimeoutError, PeerTimeoutError),
+    (trio.BrokenResourceError, PeerTransportError),
+    (trio.ClosedResourceError, PeerTransportError),
+    (ssl.SSLError, PeerTransportError),
+    (ssl.CertificateError, PeerTransportError),
+    (h2.exceptions.H2Error, PeerTransportError),
+    (OSError, PeerTransportError),
+)
+
+
+def to_peer_error(exc: BaseException, context: str) -> PeerTransportError | None:
+    """Return the peerflow error for ``exc`` per the table, or None if it has no row.
+
+    The result's message is ``"<context>: <what happened>"``; its
+    ``__cause__`` is ``exc``.
+    """
+    for source, target in _TABLE:
+        if isinstance(exc, source):
+            detail = str(exc) or type(exc).__name__
+            error = target(f"{context}: {detail}")
+            error.__cause__ = exc
+            return error
+    return None
+
+
+@contextmanager
+def map_exceptions(context: str) -> Iterator[None]:
+    """Re-raise table exceptions from the block as peerflow errors.
+
+    ``context`` says what was being done, e.g. ``"cannot connect to h:1"``.
+    peerflow errors, ``trio.Cancelled`` and anything not in the table pass
+    through untouched.
+
+    Raises:
+        PeerTransportError: for network, TLS and HTTP/2 protocol failures.
+        PeerTimeoutError: for timeouts.
+    """
+    try:
+        yield
+    except PeerflowError:
+        raise
+    except Exception as exc:
+        error = to_peer_error(exc, context)
+        if error is None:
+            raise
+        raise error from exc
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    found: list[BaseException] = []
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            found.extend(_leaves(exc))
+        else:
+            found.append(exc)
+    return found
+
+
+@contextmanager
+def collapse_excgroups() -> Iterator[None]:
+    """Unwrap an exception group holding exactly one exception.
+
+    Wrap the nursery of an ``async with`` resource in this so that its user
+    sees one clear exception instead of a group of one. Groups of several
+    exceptions pass through unchanged.
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaves = _leaves(group)
+        if len(leaves) != 1:
+            raise
+        exc = leaves[0]
+        context = exc.__context__
+        try:
+            raise exc
+        finally:
+            exc.__context__ = context
+            del exc, context, group, leaves
