@@ -16,8 +16,9 @@ one. A wire name with no class decodes to :class:`DynamicEvent`.
 On the wire an event is ``{"event_type": <wire name>, "data": {<fields>}}``.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: the facade re-homes these
+# classes to the ``peerflow`` module, where string annotations could not be
+# resolved when cattrs inspects subclasses.
 from collections.abc import Set
 from typing import Any, ClassVar, final
 
@@ -37,7 +38,7 @@ __all__ = [
     "event_type_name",
 ]
 
-_registry: dict[str, type[Event]] = {}
+_registry: "dict[str, type[Event]]" = {}
 
 
 @attrs.define
@@ -118,7 +119,7 @@ def event_type_name(kind: type[Event] | str) -> str:
     raise TypeError(f"expected an Event subclass or a wire name, got {kind!r}")
 
 
-_converter = cattrs.Converter(unstruct_collection_overrides={Set: list})
+_converter = cattrs.Converter(unstruct_collection_overrides={Set: list, tuple: list})
 
 
 def event_to_wire(event: Event) -> dict[str, Any]:

@@ -324,7 +324,8 @@ class WorkflowHandle:
         """Return an async iterator over events from ``ctx.write_event_to_stream``.
 
         It ends when the run ends. Events are buffered without bound until
-        read. There is one stream per run: iterate it from one place.
+        read. There is one stream per run: iterate it from one place, inside
+        the ``async with`` block (leaving the block closes it).
         """
         return self._events
 

@@ -1,0 +1,199 @@
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from peerflow import (
+    Context,
+    RefCapacityError,
+    RefLifetime,
+    RefNotFoundError,
+    SessionRefRegistry,
+    StartEvent,
+    StepError,
+    StepRegistry,
+    StepTimeoutError,
+    StopEvent,
+    Workflow,
+    WorkflowTimeoutError,
+)
+
+LIFETIMES = list(RefLifetime)
+
+
+def ref_workflow(registry: StepRegistry, *, then: str = "stop") -> Workflow:
+    """A step inserts one ref per lifetime, then stops, raises, hangs or times out."""
+    wf = Workflow("refs", registry=registry)
+
+    @wf.step("make", StartEvent, timeout=5)
+    async def make(ev: StartEvent, ctx: Context) -> StopEvent:
+        ids = {lt.value: ctx.refs.insert(f"value-{lt.value}".encode(), lt) for lt in LIFETIMES}
+        ctx.state["ids"] = ids
+        ctx.write_event_to_stream(StopEvent(ids))  # lets a test see the ids early
+        if then == "raise":
+            raise RuntimeError("after inserting")
+        if then in ("hang", "timeout"):
+            await trio.sleep(10)
+        return StopEvent(ids)
+
+    return wf
+
+
+async def test_success_keeps_only_refs_that_outlive_the_run(
+    registry: StepRegistry, refs: SessionRefRegistry
+) -> None:
+    result = await ref_workflow(registry).run(refs=refs)
+    ids = result.result
+    assert set(result.refs) == {ids["until_parent_finish"], ids["until_explicit_drop"]}
+    assert ids["until_context_drop"] not in result.refs
+    desc = result.refs[ids["until_explicit_drop"]]
+    assert desc.origin_node_id == "node-a"
+    assert desc.lifetime is RefLifetime.UNTIL_EXPLICIT_DROP
+    assert desc.size == len(b"value-until_explicit_drop")
+    assert refs.get(ids["until_explicit_drop"]) == b"value-until_explicit_drop"
+    assert refs.get(ids["until_parent_finish"]) == b"value-until_parent_finish"
+    with pytest.raises(RefNotFoundError):
+        refs.get(ids["until_context_drop"])
+    assert len(refs) == 2
+
+
+async def test_handle_lists_context_refs_before_they_are_purged(
+    registry: StepRegistry, refs: SessionRefRegistry
+) -> None:
+    async with ref_workflow(registry).start(refs=refs, owner="caller-1") as handle:
+        result = await handle.result()
+        entries = handle.created_refs()
+        assert [e.descriptor.lifetime for e in entries] == LIFETIMES
+        assert [e.value for e in entries] == [f"value-{lt.value}".encode() for lt in LIFETIMES]
+        assert all(e.owner == "caller-1" and e.run_id == handle.run_id for e in entries)
+        assert len(refs) == 3
+    assert len(refs) == 2
+    assert set(result.refs) == {e.ref_uuid for e in handle.created_refs()}
+
+
+@pytest.mark.parametrize(
+    ("then", "error"),
+    [("raise", StepError), ("timeout", WorkflowTimeoutError)],
+)
+async def test_failed_run_leaves_no_refs(
+    registry: StepRegistry,
+    refs: SessionRefRegistry,
+    autojump_clock: trio.testing.MockClock,
+    then: str,
+    error: type[Exception],
+) -> None:
+    with pytest.raises(error):
+        await ref_workflow(registry, then=then).run(refs=refs, timeout=1)
+    assert len(refs) == 0
+
+
+async def test_step_timeout_leaves_no_refs(
+    registry: StepRegistry, refs: SessionRefRegistry, autojump_clock: trio.testing.MockClock
+) -> None:
+    with pytest.raises(StepTimeoutError):
+        await ref_workflow(registry, then="hang").run(refs=refs)
+    assert len(refs) == 0
+
+
+async def test_failed_handle_run_leaves_no_refs(
+    registry: StepRegistry, refs: SessionRefRegistry
+) -> None:
+    with pytest.raises(StepError):
+        async with ref_workflow(registry, then="raise").start(refs=refs) as handle:
+            await handle.result()
+    assert len(refs) == 0
+
+
+async def test_cancelled_run_leaves_no_refs(
+    registry: StepRegistry, refs: SessionRefRegistry
+) -> None:
+    with trio.CancelScope() as scope:
+        async with ref_workflow(registry, then="hang").start(refs=refs) as handle:
+            async for _ in handle.events():
+                assert len(refs) == 3
+                scope.cancel()
+    assert scope.cancelled_caught
+    assert len(refs) == 0
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: ref_workflow(StepRegistry(), then="hang").run(refs=refs))
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(refs) == 3
+        nursery.cancel_scope.cancel()
+    assert len(refs) == 0
+
+
+async def test_refs_are_owned_by_the_runs_owner(
+    registry: StepRegistry, refs: SessionRefRegistry
+) -> None:
+    result = await ref_workflow(registry).run(refs=refs, owner=("node-b", "alice"))
+    kept = result.result["until_explicit_drop"]
+    with pytest.raises(RefNotFoundError):
+        refs.get(kept)
+    with pytest.raises(RefNotFoundError):
+        refs.get(kept, owner=("node-c", "alice"))
+    assert refs.remove(kept) is False
+    assert refs.get(kept, owner=("node-b", "alice")) == b"value-until_explicit_drop"
+    assert refs.remove(kept, owner=("node-b", "alice")) is True
+
+
+async def test_parent_scope_binds_parent_finish_refs(
+    registry: StepRegistry, refs: SessionRefRegistry
+) -> None:
+    with refs.scope("call-scope-1"):
+        result = await ref_workflow(registry).run(refs=refs, parent_scope="call-scope-1")
+        assert len(refs) == 2
+    # Closing the scope dropped the UNTIL_PARENT_FINISH ref only.
+    assert list(refs._entries) == [result.result["until_explicit_drop"]]
+
+
+async def test_ctx_refs_view(registry: StepRegistry, refs: SessionRefRegistry) -> None:
+    wf = Workflow("view", registry=registry)
+
+    @wf.step("use", StartEvent)
+    async def use(ev: StartEvent, ctx: Context) -> StopEvent:
+        ref_id = ctx.refs.insert({"live": "object"})
+        assert ref_id in ctx.refs
+        assert ctx.refs.get(ref_id) == {"live": "object"}
+        desc = ctx.refs.descriptor(ref_id)
+        assert desc.serializable is False
+        assert desc.type_tag == "dict"
+        assert desc.lifetime is RefLifetime.UNTIL_CONTEXT_DROP
+        assert ctx.refs.remove(ref_id) is True
+        assert ref_id not in ctx.refs
+        assert ctx.refs.remove(ref_id) is False
+        with pytest.raises(RefNotFoundError):
+            ctx.refs.get(ref_id)
+        return StopEvent(None)
+
+    await wf.run(refs=refs)
+
+
+async def test_capacity_error_fails_the_step(registry: StepRegistry) -> None:
+    small = SessionRefRegistry("tiny", capacity=1)
+    wf = Workflow("full", registry=registry)
+
+    @wf.step("fill", StartEvent)
+    async def fill(ev: StartEvent, ctx: Context) -> StopEvent:
+        ctx.refs.insert(1)
+        ctx.refs.insert(2)
+        return StopEvent(None)
+
+    with pytest.raises(StepError) as info:
+        await wf.run(refs=small)
+    assert isinstance(info.value.__cause__, RefCapacityError)
+    assert len(small) == 0
+
+
+async def test_default_registry_and_node_id(registry: StepRegistry) -> None:
+    wf = Workflow("default-refs", registry=registry)
+
+    @wf.step("use", StartEvent)
+    async def use(ev: StartEvent, ctx: Context) -> StopEvent:
+        return StopEvent((ctx.refs.registry, ctx.node_id))
+
+    assert (await wf.run()).result == (SessionRefRegistry.default(), "local")
+    peer = SessionRefRegistry("peer-x")
+    assert (await wf.run(refs=peer)).result == (peer, "peer-x")
+    assert (await wf.run(refs=peer, node_id="n")).result == (peer, "n")
