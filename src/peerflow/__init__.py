@@ -54,6 +54,9 @@ from ._refs.serializers import register_ref_type as register_ref_type
 # --- end engine exports ---
 
 # --- wire exports (owned by the wire work) ---
+from ._wire.envelopes import InlineRef as InlineRef
+from ._wire.envelopes import SubWorkflowResponse as SubWorkflowResponse
+from ._wire.version import peer_envelope_version as peer_envelope_version
 # --- end wire exports ---
 
 # --- peer exports (owned by the peer work) ---
