@@ -135,14 +135,19 @@ class FrameDecoder:
         Raises:
             PeerEncodeError: the stream ended inside a message.
         """
-        if self._expected is not None or self._buffered:
-            expected = "?" if self._expected is None else str(self._expected)
+        if self._expected is not None:
             raise PeerEncodeError(
-                f"stream ended inside a gRPC message ({self._buffered} of {expected} bytes "
-                "received)"
+                f"stream ended inside a gRPC message ({self._buffered} of "
+                f"{self._expected} bytes received)"
+            )
+        if self._buffered:
+            raise PeerEncodeError(
+                f"stream ended inside a gRPC message prefix ({self._buffered} of 5 bytes)"
             )
 
     def _take(self, n: int) -> memoryview:
+        if n == 0:
+            return memoryview(b"")
         self._buffered -= n
         first = self._chunks[0]
         if len(first) >= n:
