@@ -137,15 +137,17 @@ class Run:
         if self._timeout is not None:
             deadline = min(deadline, started + self._timeout)
         try:
-            with trio.CancelScope(deadline=deadline) as deadline_scope:
-                async with trio.open_nursery() as nursery:
-                    self._nursery = nursery
-                    first = self._route((StartEvent(self._input),))
-                    if first is not None:
-                        await self._drive(*first)
+            timed_out = False
+            if deadline == math.inf:
+                # No deadline: spare the hot path a cancel scope that never fires.
+                await self._run_steps()
+            else:
+                with trio.CancelScope(deadline=deadline) as deadline_scope:
+                    await self._run_steps()
+                timed_out = deadline_scope.cancelled_caught
             if not self._decided:
                 self._decided = True
-                if deadline_scope.cancelled_caught:
+                if timed_out:
                     self.error = WorkflowTimeoutError(self.workflow_name, deadline - started)
                 else:
                     self.error = WorkflowError(
@@ -163,6 +165,13 @@ class Run:
             if self.error is None and self.result is None:
                 self._decided = True
             self.ended.set()
+
+    async def _run_steps(self) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            first = self._route((StartEvent(self._input),))
+            if first is not None:
+                await self._drive(*first)
 
     async def _drive(self, step: StepSpec, event: Event) -> None:
         # Carry on inline with the first routed pair while there is one.
