@@ -194,14 +194,15 @@ for _cls in (
     LeaseResponse,
     ErrorDetails,
 ):
-    # A descriptor's ``serializable`` flag is the one optional key we do not
-    # own the class of; say so here rather than in _refs.
     _overrides = _optional_overrides(_cls)
     if _cls is RemoteRefDescriptor:
+        # _refs owns this class and knows nothing of the wire, so its one
+        # optional key is declared here.
         _overrides["serializable"] = override(omit_if_default=True)
-    _converter.register_unstructure_hook(
-        _cls, make_dict_unstructure_fn(_cls, _converter, **_overrides)
-    )
+    if _cls is not DerefChunk:  # its unstructure hook is written out below
+        _converter.register_unstructure_hook(
+            _cls, make_dict_unstructure_fn(_cls, _converter, **_overrides)
+        )
     _converter.register_structure_hook(_cls, make_dict_structure_fn(_cls, _converter))
 
 _unstructure_descriptor = _converter.get_unstructure_hook(RemoteRefDescriptor)
