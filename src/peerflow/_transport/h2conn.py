@@ -494,6 +494,7 @@ class _Connection:
         self._h2 = h2c
         self._streams: dict[int, Any] = {}
         self._outbuf = bytearray()
+        self._sending = False
         self._raw: socket.socket | None = None
         self._writer_lot = trio.lowlevel.ParkingLot()
         self._drain_lot = trio.lowlevel.ParkingLot()
@@ -578,8 +579,13 @@ class _Connection:
             if self._raw is not None:
                 self._raw.detach()
                 self._raw = None
-            await trio.aclose_forcefully(stream)
-            self._closed.set()
+            try:
+                # Shielded: this runs outside the guard, maybe in a cancelled
+                # scope, and waiters rely on _closed being set.
+                with trio.CancelScope(shield=True):
+                    await trio.aclose_forcefully(stream)
+            finally:
+                self._closed.set()
 
     def _terminate(self, error: PeerTransportError) -> None:
         """Fail everything waiting on the connection and stop its tasks."""
@@ -616,6 +622,10 @@ class _Connection:
         with trio.move_on_after(min(grace_period, 1.0)):
             await self._wait_drained()
         self._terminate(PeerTransportError("connection closed"))
+
+    async def wait_closed(self) -> None:
+        """Wait until the connection has ended and its transport is closed."""
+        await self._closed.wait()
 
     async def aclose(self, grace_period: float | None = None) -> None:
         """Close gracefully: GOAWAY, let streams finish, then cancel the rest.
@@ -672,7 +682,9 @@ class _Connection:
                     del self._outbuf[:sent]
                 else:
                     data, self._outbuf = self._outbuf, bytearray()
+                    self._sending = True
                     await self._transport.send_all(data)
+                    self._sending = False
             except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 self._terminate(to_peer_error(exc, "cannot send") or PeerTransportError(str(exc)))
                 return
@@ -685,7 +697,7 @@ class _Connection:
         self._raise_if_closed()
 
     async def _wait_drained(self) -> None:
-        while self._outbuf and self._error is None:
+        while (self._outbuf or self._sending) and self._error is None:
             await self._drain_lot.park()
 
     def _acknowledge(self, stream_id: int, flow_length: int) -> None:
@@ -1000,7 +1012,12 @@ class H2ClientConnection(_Connection):
             self._raise_if_closed()
             if self._goaway_last_stream_id is not None:
                 raise PeerTransportError("peer sent GOAWAY; open a new connection")
-            if h2c.open_outbound_streams < h2c.remote_settings.max_concurrent_streams:
+            # Until the peer's SETTINGS arrive its stream limit is unknown, and
+            # h2 on the far side treats overshooting it as a connection error.
+            if (
+                self._peer_settings_seen
+                and h2c.open_outbound_streams < h2c.remote_settings.max_concurrent_streams
+            ):
                 break
             await self._slot_lot.park()
         # No await between allocating the id and sending HEADERS: ids must go
