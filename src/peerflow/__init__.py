@@ -60,6 +60,11 @@ from ._wire.version import peer_envelope_version as peer_envelope_version
 # --- end wire exports ---
 
 # --- peer exports (owned by the peer work) ---
+from ._peer.client import PeerClient as PeerClient
+from ._peer.client import StreamCall as StreamCall
+from ._peer.limits import Limits as Limits
+from ._peer.server import PeerAddress as PeerAddress
+from ._peer.server import PeerServer as PeerServer
 # --- end peer exports ---
 
 # --- security exports (owned by the security work) ---

@@ -34,10 +34,10 @@ def test_insert_returns_uuid4_and_builds_a_descriptor(reg: SessionRefRegistry) -
     assert (entry.owner, entry.run_id, entry.parent_scope) == ("o", "r", None)
     desc = entry.descriptor
     assert desc.origin_node_id == "node-a"
-    assert desc.type_tag == "bytes"
+    assert desc.type_tag == "peerflow.bytes"  # bytes are built in as a ref type
     assert desc.lifetime is EXPLICIT
     assert desc.size == 3
-    assert desc.serializable is False
+    assert desc.serializable is True
     assert before <= desc.created_at_epoch_ms <= after
 
 

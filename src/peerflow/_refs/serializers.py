@@ -14,7 +14,9 @@ with a protocol on the class itself::
 Lookups by type follow the MRO (the nearest registered or protocol class
 wins); lookups by tag find explicitly registered types and protocol classes
 that have been looked up by type at least once (which happens when a value of
-that type is inserted as a ref). This module is pure data: no trio.
+that type is inserted as a ref). ``bytes``, ``bytearray`` and ``str`` are
+registered out of the box (tags ``peerflow.bytes``, ``peerflow.bytearray``,
+``peerflow.str``). This module is pure data: no trio.
 """
 
 from __future__ import annotations
@@ -147,3 +149,10 @@ def serializer_for_type(cls: type) -> RefTypeSerializer | None:
 def serializer_for_tag(type_tag: str) -> RefTypeSerializer | None:
     """Return the serializer registered under ``type_tag``, or None."""
     return _by_tag.get(type_tag)
+
+
+# Raw bytes need no user code to cross machines: they are their own wire form
+# (and a memoryview of them streams without a copy).
+register_ref_type(bytes, "peerflow.bytes", memoryview, bytes)
+register_ref_type(bytearray, "peerflow.bytearray", memoryview, bytearray)
+register_ref_type(str, "peerflow.str", lambda s: s.encode("utf-8"), lambda b: b.decode("utf-8"))

@@ -155,6 +155,11 @@ class _Stream:
         self._lot = trio.lowlevel.ParkingLot()
 
     @property
+    def connection(self) -> _Connection:
+        """The HTTP/2 connection this stream belongs to."""
+        return self._conn
+
+    @property
     def buffered_bytes(self) -> int:
         """Received bytes waiting for ``receive_data`` (bounded by the window)."""
         return self._buffered
@@ -353,6 +358,11 @@ class ServerStream(_Stream):
         """The request's ``content-type``, if sent."""
         return self.header(b"content-type")
 
+    @property
+    def response_started(self) -> bool:
+        """Whether response headers have been sent (so only trailers may follow)."""
+        return self._response_started
+
     def _on_reset(self, code: int) -> None:
         super()._on_reset(code)
         self._scope.cancel()
@@ -527,6 +537,11 @@ class _Connection:
         }
 
     # ------------------------------------------------------------------ state
+
+    @property
+    def transport(self) -> trio.abc.Stream:
+        """The byte stream under the connection (a ``trio.SSLStream`` with TLS)."""
+        return self._transport
 
     @property
     def closed(self) -> bool:

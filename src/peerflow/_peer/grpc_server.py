@@ -1,0 +1,255 @@
+"""The gRPC front end of a peer: HTTP/2 streams in, service calls, gRPC replies out.
+
+One :class:`GrpcHandler` serves every stream of every connection. For each
+stream it checks the method, content type and credentials, reads exactly one
+request message, calls :class:`~peerflow._peer.service.PeerService` and
+answers with gRPC's headers, length-prefixed messages and status trailers.
+Whatever goes wrong with one call becomes that call's status; nothing here
+can end the connection or the server.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Final, final
+
+import trio
+
+from .._engine.events import Event, event_to_wire
+from .._transport.h2conn import ServerStream
+from .._wire import grpc
+from .._wire.codec import (
+    decode_message,
+    encode_deref_chunk_header,
+    encode_message,
+    encode_stream_message,
+)
+from .._wire.envelopes import (
+    DerefSessionRefRequest,
+    InvokeSubWorkflowRequest,
+    LeaseRequest,
+    ReleaseSessionRefRequest,
+    ReleaseSessionRefResponse,
+    StreamEvent,
+)
+from .._wire.framing import NEED_DATA, FrameDecoder, encode_frame, encode_frame_prefix
+from ..errors import PeerAuthError, PeerEncodeError, PeerError, PeerflowError, PeerTimeoutError
+from .auth import check_bearer, token_principal
+from .limits import Limits
+from .service import Caller, PeerService
+
+__all__ = ["GrpcHandler"]
+
+log = logging.getLogger("peerflow.peer.grpc")
+
+_CONTENT_TYPE: Final = grpc.CONTENT_TYPE.encode()
+_RESPONSE_HEADERS: Final = ((b":status", b"200"), (b"content-type", _CONTENT_TYPE))
+_OK_TRAILERS: Final = ((b"grpc-status", b"0"),)
+_NODE_ID: Final = grpc.NODE_ID_HEADER.encode()
+
+
+def status_trailers(exc: BaseException) -> list[tuple[bytes, bytes]]:
+    """The gRPC trailers reporting ``exc`` (see the status table in ``_wire.grpc``)."""
+    status, message, details = grpc.status_for_error(exc)
+    return [
+        (b"grpc-status", str(int(status)).encode()),
+        (b"grpc-message", grpc.encode_grpc_message(message).encode("ascii")),
+        (grpc.ERROR_DETAILS_TRAILER.encode(), grpc.encode_bin_header(details).encode("ascii")),
+    ]
+
+
+def _plain_status(status: grpc.Status, message: str) -> list[tuple[bytes, bytes]]:
+    return [
+        (b"grpc-status", str(int(status)).encode()),
+        (b"grpc-message", grpc.encode_grpc_message(message).encode("ascii")),
+    ]
+
+
+@final
+class GrpcHandler:
+    """Serves the ``peerflow.peer.v1.Peer`` gRPC service on HTTP/2 streams.
+
+    Args:
+        service: does the work of each method.
+        limits: message size and deref chunk bounds.
+        token: when set, every call must carry ``authorization: Bearer <token>``.
+        principal_of: maps a stream to its authenticated principal (the TLS
+            client certificate subject), or None.
+        scope_of: maps a stream to its connection's ref scope.
+    """
+
+    def __init__(
+        self,
+        service: PeerService,
+        limits: Limits,
+        *,
+        token: str | None,
+        principal_of: Callable[[ServerStream], str | None],
+        scope_of: Callable[[ServerStream], Hashable],
+    ) -> None:
+        self._service = service
+        self._limits = limits
+        self._token = token
+        self._token_principal = None if token is None else token_principal(token)
+        self._principal_of = principal_of
+        self._scope_of = scope_of
+        self._methods: dict[bytes, Callable[[ServerStream, bytes, Caller, float], Awaitable[None]]]
+        self._methods = {
+            grpc.INVOKE_SUB_WORKFLOW.path.encode(): self._invoke,
+            grpc.STREAM_SUB_WORKFLOW.path.encode(): self._stream,
+            grpc.DEREF_SESSION_REF.path.encode(): self._deref,
+            grpc.RELEASE_SESSION_REF.path.encode(): self._release,
+            grpc.LEASE.path.encode(): self._lease,
+        }
+
+    async def __call__(self, stream: ServerStream) -> None:
+        """Serve one call; every failure becomes the call's gRPC status."""
+        method = self._methods.get(stream.path)
+        if stream.method != b"POST":
+            stream.send_headers([(b":status", b"405")], end_stream=True)
+            return
+        content_type = stream.content_type
+        if content_type is None or not grpc.is_grpc_content_type(content_type.decode("latin-1")):
+            stream.send_headers(
+                [(b":status", b"415"), (b"content-type", b"text/plain")], end_stream=False
+            )
+            await stream.send_data(b"expected content-type application/grpc", end_stream=True)
+            return
+        if method is None:
+            self._trailers_only(
+                stream,
+                _plain_status(
+                    grpc.Status.UNIMPLEMENTED,
+                    f"unknown method {stream.path.decode('latin-1')}",
+                ),
+            )
+            return
+        deadline = math.inf
+        try:
+            principal = self._authenticate(stream)
+            timeout = stream.header(b"grpc-timeout")
+            if timeout is not None:
+                deadline = trio.current_time() + grpc.decode_grpc_timeout(timeout.decode("ascii"))
+            node_id = (stream.header(_NODE_ID) or b"").decode("utf-8", "replace")
+            caller = Caller(node_id, principal, self._scope_of(stream))
+            with trio.move_on_at(deadline) as scope:
+                request = await self._read_request(stream)
+                await method(stream, request, caller, deadline)
+            if scope.cancelled_caught:
+                raise PeerTimeoutError("the call's deadline (grpc-timeout) passed")
+        except (PeerflowError, UnicodeDecodeError) as exc:
+            self._fail(stream, exc)
+        except Exception as exc:
+            log.exception("call %s failed", stream.path.decode("latin-1"))
+            self._fail(stream, exc)
+
+    def _authenticate(self, stream: ServerStream) -> str | None:
+        principal = self._principal_of(stream)
+        if self._token is None:
+            return principal
+        if not check_bearer(stream.header(b"authorization"), self._token):
+            raise PeerAuthError("missing or wrong bearer token")
+        # With a token and no client certificate, every holder of the token is
+        # one principal: the token itself is the identity.
+        return principal if principal is not None else self._token_principal
+
+    async def _read_request(self, stream: ServerStream) -> bytes:
+        decoder = FrameDecoder(self._limits.max_message_size)
+        message: bytes | None = None
+        while data := await stream.receive_data():
+            decoder.feed(bytes(data))
+            found = decoder.next_message()
+            if found is not NEED_DATA:
+                if message is not None or decoder.next_message() is not NEED_DATA:
+                    raise PeerEncodeError("a unary request carries exactly one message")
+                message = bytes(found)
+        decoder.end_of_stream()
+        if message is None:
+            raise PeerEncodeError("the request carries no message")
+        return message
+
+    def _fail(self, stream: ServerStream, exc: BaseException) -> None:
+        trailers = status_trailers(exc)
+        if stream.reset_code is not None:
+            return
+        try:
+            if stream.response_started:
+                stream.send_trailers(trailers)
+            else:
+                self._trailers_only(stream, trailers)
+        except PeerError:
+            log.debug("could not report %r: the stream is gone", exc)
+
+    @staticmethod
+    def _trailers_only(stream: ServerStream, trailers: list[tuple[bytes, bytes]]) -> None:
+        stream.send_headers([*_RESPONSE_HEADERS, *trailers], end_stream=True)
+
+    @staticmethod
+    async def _unary_reply(stream: ServerStream, body: bytes) -> None:
+        await stream.send_response(_RESPONSE_HEADERS, encode_frame(body), _OK_TRAILERS)
+
+    # -- methods ---------------------------------------------------------------
+
+    async def _invoke(
+        self, stream: ServerStream, raw: bytes, caller: Caller, deadline: float
+    ) -> None:
+        request = decode_message(InvokeSubWorkflowRequest, raw)
+        response = await self._service.invoke(request, caller, deadline=deadline)
+        await self._unary_reply(stream, encode_message(response))
+
+    async def _stream(
+        self, stream: ServerStream, raw: bytes, caller: Caller, deadline: float
+    ) -> None:
+        request = decode_message(InvokeSubWorkflowRequest, raw)
+        self._service.assemble(request)  # unknown steps fail before headers go out
+        stream.send_headers(_RESPONSE_HEADERS)
+
+        async def forward(event: Event) -> None:
+            wire = event_to_wire(event)
+            message = StreamEvent(wire["event_type"], wire["data"])
+            await stream.send_data(encode_frame(encode_stream_message(message)))
+
+        response = await self._service.invoke(request, caller, deadline=deadline, on_event=forward)
+        await stream.send_data(encode_frame(encode_stream_message(response)))
+        stream.send_trailers(_OK_TRAILERS)
+
+    async def _deref(
+        self, stream: ServerStream, raw: bytes, caller: Caller, deadline: float
+    ) -> None:
+        request = decode_message(DerefSessionRefRequest, raw)
+        type_tag, payload = self._service.deref(request.ref_uuid, caller)
+        stream.send_headers(_RESPONSE_HEADERS)
+        chunk = self._limits.max_deref_chunk
+        total = len(payload)
+        offset = 0
+        first = True
+        while first or offset < total:
+            piece = payload[offset : offset + chunk]
+            header = encode_deref_chunk_header(
+                len(piece),
+                type_tag=type_tag if first else None,
+                total_size=total if first else None,
+            )
+            # Prefix and chunk header go first, then the slice itself: the
+            # value's bytes are never copied into a message.
+            await stream.send_data(encode_frame_prefix(len(header) + len(piece)) + header)
+            if piece:
+                await stream.send_data(piece)
+            offset += len(piece)
+            first = False
+        stream.send_trailers(_OK_TRAILERS)
+
+    async def _release(
+        self, stream: ServerStream, raw: bytes, caller: Caller, deadline: float
+    ) -> None:
+        request = decode_message(ReleaseSessionRefRequest, raw)
+        released = self._service.release(request.ref_uuid, caller)
+        await self._unary_reply(stream, encode_message(ReleaseSessionRefResponse(released)))
+
+    async def _lease(
+        self, stream: ServerStream, raw: bytes, caller: Caller, deadline: float
+    ) -> None:
+        request = decode_message(LeaseRequest, raw)
+        await self._unary_reply(stream, encode_message(self._service.lease(request, caller)))

@@ -1,0 +1,223 @@
+"""PeerServer: serves registered steps to other machines over gRPC on HTTP/2."""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import logging
+import ssl
+from collections.abc import AsyncIterator, Hashable
+from contextlib import asynccontextmanager
+from typing import Final, NamedTuple, final
+
+import trio
+
+from .._engine.steps import StepRegistry
+from .._refs.registry import SessionRefRegistry
+from .._transport.h2conn import ServerStream, _Connection
+from .._transport.listener import handle_connection, serve_tcp
+from .._transport.tls import peer_principal
+from .auth import resolve_peer_token
+from .grpc_server import GrpcHandler
+from .limits import Limits
+from .service import PeerService
+
+__all__ = ["PeerAddress", "PeerServer"]
+
+log = logging.getLogger("peerflow.peer.server")
+
+_FROM_ENV: Final = object()
+
+
+class PeerAddress(NamedTuple):
+    """Where a :class:`PeerServer` listens, as reported by ``nursery.start(server.serve, ...)``."""
+
+    host: str
+    port: int
+    scheme: str = "http"
+
+    @property
+    def url(self) -> str:
+        """The endpoint URI a :class:`~peerflow.PeerClient` connects to."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
+
+
+@final
+class PeerServer:
+    """Runs sub-workflows for remote callers, from the steps registered on this node.
+
+    Args:
+        node_id: this node's stable id, stamped on every ref descriptor it
+            hands out.
+        registry: where requested step ids are looked up (default: the
+            process-wide :class:`~peerflow.StepRegistry`).
+        tls: an ``ssl.SSLContext`` from :func:`~peerflow.load_server_tls`;
+            with a CA in it, clients must present certificates (mTLS).
+        token: the bearer token every call must carry; defaults to
+            ``PEERFLOW_PEER_TOKEN``. None turns token auth off.
+        limits: the bounds the server enforces.
+
+    Attributes:
+        refs: the server's session-ref registry (inspect it in tests).
+    """
+
+    def __init__(
+        self,
+        node_id: str,
+        *,
+        registry: StepRegistry | None = None,
+        tls: ssl.SSLContext | None = None,
+        token: str | object | None = _FROM_ENV,
+        limits: Limits | None = None,
+    ) -> None:
+        resolved = resolve_peer_token() if token is _FROM_ENV else token
+        if resolved is not None and not isinstance(resolved, str):
+            raise TypeError("token must be a str or None")
+        self.node_id = node_id
+        self.limits = limits = limits or Limits()
+        self.tls = tls
+        self.token: str | None = resolved
+        self.refs = SessionRefRegistry(
+            node_id, capacity=limits.ref_capacity, per_owner_capacity=limits.refs_per_caller
+        )
+        self.service = PeerService(
+            node_id,
+            steps=StepRegistry.default() if registry is None else registry,
+            refs=self.refs,
+            limits=limits,
+        )
+        self._scopes: dict[object, Hashable] = {}
+        self._scope_ids = itertools.count()
+        self._nursery: trio.Nursery | None = None
+        self._handler = GrpcHandler(
+            self.service,
+            limits,
+            token=self.token,
+            principal_of=self._principal_of,
+            scope_of=self._scope_of,
+        )
+
+    async def serve(
+        self,
+        host: str,
+        port: int,
+        *,
+        task_status: trio.TaskStatus[PeerAddress] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Listen on ``host:port`` and serve until cancelled.
+
+        Start it with ``address = await nursery.start(server.serve, host, port)``;
+        port 0 picks an ephemeral port, and ``address`` tells which. On
+        cancellation the server drains: GOAWAY, in-flight calls get
+        ``limits.drain_grace`` seconds, then their nurseries are cancelled.
+
+        Raises:
+            RuntimeError: the server is already running.
+            PeerTransportError: the address cannot be bound.
+        """
+        async with self.running():
+            assert self._nursery is not None
+            addresses = await self._nursery.start(
+                lambda task_status: serve_tcp(
+                    self._handler,
+                    port,
+                    host=host,
+                    settings=self.limits.h2_settings(server=True),
+                    ssl_context=self.tls,
+                    max_connections=self.limits.max_connections,
+                    task_status=task_status,
+                )
+            )
+            bound_host, bound_port = addresses[0]
+            self._warn_if_open(bound_host)
+            address = PeerAddress(bound_host, bound_port, "https" if self.tls else "http")
+            log.info("peer %s serving on %s", self.node_id, address.url)
+            task_status.started(address)
+            await trio.sleep_forever()
+
+    @property
+    def running_now(self) -> bool:
+        """Whether the server's background work is running (see :meth:`running`)."""
+        return self._nursery is not None
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Run the server's background work (lease expiry) for the block.
+
+        :meth:`serve` does this itself. Use it directly to serve connections
+        of your own with :meth:`serve_stream`.
+
+        Raises:
+            RuntimeError: the server is already running.
+        """
+        if self._nursery is not None:
+            raise RuntimeError("this PeerServer is already running")
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            try:
+                await nursery.start(self.service.run_reaper)
+                yield
+            finally:
+                self._nursery = None
+                nursery.cancel_scope.cancel()
+
+    async def serve_stream(self, stream: trio.abc.Stream) -> None:
+        """Serve one already-open connection, over any trio stream, until it ends.
+
+        This is how a peer runs on a transport of your own (a Unix socket, an
+        in-memory pair in tests). TLS, when configured, is negotiated on it.
+
+        Raises:
+            RuntimeError: the server is not running (see :meth:`running`).
+        """
+        if self._nursery is None:
+            raise RuntimeError(
+                "serve_stream needs a running server: use `async with server.running()`"
+            )
+        await handle_connection(
+            stream,
+            self._handler,
+            settings=self.limits.h2_settings(server=True),
+            ssl_context=self.tls,
+        )
+
+    def _warn_if_open(self, host: str) -> None:
+        if self.token is not None or self.tls is not None:
+            return
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = host == "localhost"
+        if not loopback:
+            log.warning(
+                "peer %s listens on %s without a token or TLS: anyone who can reach it "
+                "can run its steps (set PEERFLOW_PEER_TOKEN)",
+                self.node_id,
+                host,
+            )
+
+    @staticmethod
+    def _principal_of(stream: ServerStream) -> str | None:
+        transport = stream.connection.transport
+        if isinstance(transport, trio.SSLStream):
+            return peer_principal(transport)
+        return None
+
+    def _scope_of(self, stream: ServerStream) -> Hashable:
+        conn = stream.connection
+        scope = self._scopes.get(conn)
+        if scope is None:
+            scope = ("conn", self.node_id, next(self._scope_ids))
+            self._scopes[conn] = scope
+            self.service.leases.hold(scope)
+            assert self._nursery is not None
+            self._nursery.start_soon(self._expire_when_closed, conn, scope)
+        return scope
+
+    async def _expire_when_closed(self, conn: _Connection, scope: Hashable) -> None:
+        try:
+            await conn.wait_closed()
+        finally:
+            del self._scopes[conn]
+            self.service.leases.expire_after(scope, self.limits.lease_grace)

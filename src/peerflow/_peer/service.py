@@ -1,0 +1,247 @@
+"""The peer service: what each method does, independent of the wire it came on.
+
+gRPC, HTTP/JSON and WebSocket front ends all decode a request, call one
+method of :class:`PeerService`, and encode what it returns. Everything about
+runs, refs, ownership and leases is decided here, once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Any, final
+
+import attrs
+import trio
+
+from .._engine.events import Event
+from .._engine.steps import StepRegistry, StepSpec
+from .._engine.workflow import Workflow
+from .._refs.descriptor import RefLifetime
+from .._refs.registry import RefEntry, SessionRefRegistry
+from .._refs.serializers import serializer_for_type
+from .._wire.envelopes import (
+    InlineRef,
+    InvokeSubWorkflowRequest,
+    LeaseRequest,
+    LeaseResponse,
+    SubWorkflowResponse,
+)
+from .._wire.values import locate_problem
+from ..errors import (
+    PeerTimeoutError,
+    PeerUnknownStepError,
+    StepError,
+    StepTimeoutError,
+    WorkflowError,
+    WorkflowTimeoutError,
+)
+from .leases import LeaseTable
+from .limits import Limits
+
+__all__ = ["Caller", "PeerService"]
+
+log = logging.getLogger("peerflow.peer.service")
+
+_CONTEXT = RefLifetime.UNTIL_CONTEXT_DROP
+
+
+@final
+@attrs.frozen
+class Caller:
+    """Who is calling: the node id it claims plus what authentication proved.
+
+    Attributes:
+        node_id: the caller's ``x-peerflow-peer-node-id``.
+        principal: the authenticated identity (a client certificate subject
+            or a token digest), or None when authentication is off.
+        connection: a scope id for the caller's connection; refs bound to the
+            caller's parent scope without a lease fall back to it.
+    """
+
+    node_id: str
+    principal: str | None = None
+    connection: Hashable = None
+
+    @property
+    def owner(self) -> Hashable:
+        """The identity that owns the refs this caller's runs create."""
+        return (self.node_id, self.principal)
+
+
+@final
+class PeerService:
+    """Runs sub-workflows for callers and serves their refs and leases.
+
+    Args:
+        node_id: stamped on every ref descriptor.
+        steps: where requested step ids are looked up.
+        refs: where the runs' refs are stored.
+        limits: lease TTL bounds and the grace period for vanished callers.
+    """
+
+    def __init__(
+        self,
+        node_id: str,
+        *,
+        steps: StepRegistry,
+        refs: SessionRefRegistry,
+        limits: Limits,
+    ) -> None:
+        self.node_id = node_id
+        self.steps = steps
+        self.refs = refs
+        self.limits = limits
+        self.leases = LeaseTable(refs)
+        self._workflows: dict[tuple[str, tuple[str, ...]], Workflow] = {}
+
+    # -- invoke ----------------------------------------------------------------
+
+    def assemble(self, request: InvokeSubWorkflowRequest) -> Workflow:
+        """Return the workflow a request names, built from registered steps.
+
+        Raises:
+            PeerUnknownStepError: a step id is not registered here; nothing ran.
+        """
+        key = (request.workflow_name, request.step_ids)
+        specs: list[StepSpec] = []
+        for step_id in request.step_ids:
+            spec = self.steps.get(step_id)
+            if spec is None:
+                raise PeerUnknownStepError(step_id)
+            specs.append(spec)
+        cached = self._workflows.get(key)
+        # Registered steps can be replaced at run time; reuse only an exact match.
+        if cached is not None and all(a is b for a, b in zip(cached.steps, specs, strict=True)):
+            return cached
+        workflow = Workflow.from_steps(request.workflow_name, specs, registry=self.steps)
+        if len(self._workflows) >= 1024:
+            self._workflows.clear()
+        self._workflows[key] = workflow
+        return workflow
+
+    def scope_for(self, request: InvokeSubWorkflowRequest, caller: Caller) -> Hashable:
+        """The parent scope that ``UNTIL_PARENT_FINISH`` refs of this call bind to."""
+        if request.lease_id is not None:
+            return self.leases.scope(caller.owner, request.lease_id, self.limits.lease_ttl)
+        return caller.connection
+
+    async def invoke(
+        self,
+        request: InvokeSubWorkflowRequest,
+        caller: Caller,
+        *,
+        deadline: float = math.inf,
+        on_event: Callable[[Event], Awaitable[None]] | None = None,
+    ) -> SubWorkflowResponse:
+        """Run the requested sub-workflow and build its response.
+
+        ``deadline`` is the caller's (trio time); the request's ``timeout_ms``
+        tightens it. ``on_event`` receives streamed events as they happen.
+        A failed run is a response with ``error`` set, not an exception.
+
+        Raises:
+            PeerUnknownStepError: a step id is unknown; nothing ran.
+            PeerTimeoutError: the caller's deadline passed first.
+        """
+        workflow = self.assemble(request)
+        if request.timeout_ms is not None:
+            deadline = min(deadline, trio.current_time() + request.timeout_ms / 1000)
+        async with workflow.start(
+            request.input,
+            node_id=self.node_id,
+            refs=self.refs,
+            owner=caller.owner,
+            parent_scope=self.scope_for(request, caller),
+            deadline=None if deadline == math.inf else deadline,
+        ) as handle:
+            if on_event is not None:
+                async for event in handle.events():
+                    await on_event(event)
+            try:
+                outcome = await handle.result()
+            except WorkflowTimeoutError as exc:
+                if not isinstance(exc, StepTimeoutError) and trio.current_time() >= deadline:
+                    raise PeerTimeoutError(
+                        f"sub-workflow {request.workflow_name!r} ran past the caller's deadline"
+                    ) from exc
+                response = _failure(exc)
+            except WorkflowError as exc:
+                response = _failure(exc)
+            else:
+                # Still inside the run's scope: UNTIL_CONTEXT_DROP refs exist until
+                # the block exits, so this is the last chance to ship their bytes.
+                response = self._success(outcome.result, outcome.state, handle.created_refs())
+        return response
+
+    def _success(
+        self, result: Any, state: dict[str, Any], entries: list[RefEntry]
+    ) -> SubWorkflowResponse:
+        problem = locate_problem({"result": result, "state": state})
+        if problem is not None:
+            return SubWorkflowResponse(
+                error=f"the run's output cannot travel: {problem}", error_type="PeerEncodeError"
+            )
+        remote, inline, dropped = {}, {}, []
+        for entry in entries:
+            if entry.descriptor.lifetime is not _CONTEXT:
+                remote[entry.ref_uuid] = entry.descriptor
+                continue
+            serializer = serializer_for_type(type(entry.value))
+            if serializer is None:
+                dropped.append(entry.ref_uuid)
+            else:
+                inline[entry.ref_uuid] = InlineRef(
+                    entry.descriptor, bytes(serializer.to_bytes(entry.value))
+                )
+        return SubWorkflowResponse(
+            result=result,
+            state=dict(state),
+            remote_refs=remote,
+            inline_refs=inline,
+            dropped_refs=tuple(dropped),
+        )
+
+    # -- refs ------------------------------------------------------------------
+
+    def deref(self, ref_uuid: str, caller: Caller) -> tuple[str, memoryview]:
+        """Return the type tag and the serialized bytes of one of the caller's refs.
+
+        Raises:
+            RefNotFoundError: no such ref, or it is another caller's.
+            RefNotSerializableError: the value has no serializer.
+        """
+        entry = self.refs.entry(ref_uuid, owner=caller.owner)
+        data = self.refs.serialize(ref_uuid, owner=caller.owner)
+        return entry.descriptor.type_tag, memoryview(data).cast("B")
+
+    def release(self, ref_uuid: str, caller: Caller) -> bool:
+        """Drop one of the caller's refs; False if it was already gone (or not theirs)."""
+        return self.refs.remove(ref_uuid, owner=caller.owner)
+
+    def lease(self, request: LeaseRequest, caller: Caller) -> LeaseResponse:
+        """Open, renew or close one of the caller's leases."""
+        if request.close:
+            released = self.leases.close(caller.owner, request.lease_id)
+            return LeaseResponse(request.lease_id, 0, released=released)
+        ttl = min(max(request.ttl_ms / 1000, self.limits.min_lease_ttl), self.limits.max_lease_ttl)
+        self.leases.renew(caller.owner, request.lease_id, ttl)
+        return LeaseResponse(request.lease_id, int(ttl * 1000))
+
+    async def run_reaper(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Purge the refs of expired leases until cancelled."""
+        await self.leases.run_reaper(task_status=task_status)
+
+
+def _failure(exc: WorkflowError) -> SubWorkflowResponse:
+    cause = exc.__cause__ if isinstance(exc, StepError) else exc
+    step_id = getattr(exc, "step_id", None)
+    log.info("sub-workflow failed: %s", exc)
+    return SubWorkflowResponse(
+        error=str(exc) if cause is exc else f"{type(cause).__name__}: {cause}",
+        error_step_id=step_id,
+        error_type=type(cause).__name__,
+    )

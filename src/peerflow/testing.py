@@ -1,0 +1,61 @@
+"""Test helpers: a PeerClient wired to a PeerServer in memory, no sockets needed.
+
+The pair speaks the real protocol (HTTP/2, gRPC framing, msgpack envelopes)
+over ``trio.testing.memory_stream_pair``, so tests run deterministically under
+trio's ``MockClock``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+
+import trio
+import trio.testing
+
+from ._peer.client import Endpoint, PeerClient, open_client_over
+from ._peer.limits import Limits
+from ._peer.server import PeerServer
+
+__all__ = ["open_memory_peer", "sever"]
+
+
+@asynccontextmanager
+async def open_memory_peer(
+    server: PeerServer,
+    node_id: str = "test-client",
+    *,
+    token: str | None = None,
+    limits: Limits | None = None,
+    lease_ttl: float = 30.0,
+) -> AsyncIterator[PeerClient]:
+    """Connect a new :class:`~peerflow.PeerClient` to ``server`` over an in-memory stream.
+
+    The server side runs in a task of this block (inside ``server.running()``
+    unless the server already runs); leaving the block closes the client,
+    releasing its scope's refs, and then the connection.
+    """
+    async with AsyncExitStack() as stack:
+        if not server.running_now:
+            await stack.enter_async_context(server.running())
+        client_stream, server_stream = trio.testing.memory_stream_pair()
+        nursery = await stack.enter_async_context(trio.open_nursery())
+        nursery.start_soon(server.serve_stream, server_stream)
+        async with open_client_over(
+            client_stream,
+            Endpoint("http", "memory", 0),
+            node_id,
+            token=token,
+            limits=limits or Limits(),
+            lease_ttl=lease_ttl,
+        ) as client:
+            yield client
+
+
+async def sever(client: PeerClient) -> None:
+    """Cut ``client``'s connection as a crash would: no GOAWAY, no goodbye to the peer.
+
+    The peer then sees a vanished caller and reclaims its scoped refs once
+    their lease (or the connection's grace period) runs out.
+    """
+    await trio.aclose_forcefully(client._conn.transport)
