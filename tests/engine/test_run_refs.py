@@ -148,6 +148,22 @@ async def test_parent_scope_binds_parent_finish_refs(
     assert list(refs._entries) == [result.result["until_explicit_drop"]]
 
 
+async def test_refs_inserted_while_stopping_are_reported(
+    registry: StepRegistry, refs: SessionRefRegistry
+) -> None:
+    wf = Workflow("late", registry=registry)
+
+    @wf.step("stop", StartEvent)
+    async def stop(ev: StartEvent, ctx: Context) -> None:
+        ctx.send_event(StopEvent("done"))
+        # No checkpoint yet, so this still runs after the StopEvent.
+        ctx.state["late"] = ctx.refs.insert(b"late", RefLifetime.UNTIL_EXPLICIT_DROP)
+
+    result = await wf.run(refs=refs)
+    assert list(result.refs) == [result.state["late"]]
+    assert refs.get(result.state["late"]) == b"late"
+
+
 async def test_ctx_refs_view(registry: StepRegistry, refs: SessionRefRegistry) -> None:
     wf = Workflow("view", registry=registry)
 

@@ -84,6 +84,17 @@ async def test_absolute_deadline(
     assert ran == ["before"]
 
 
+async def test_deadline_already_passed_runs_nothing(registry: StepRegistry) -> None:
+    ran: list[str] = []
+    wf = sleeper_workflow(registry, ran)
+    with pytest.raises(WorkflowTimeoutError):
+        await wf.run(0, deadline=trio.current_time() - 1)
+    with pytest.raises(WorkflowTimeoutError):
+        async with wf.start(0, deadline=trio.current_time()) as handle:
+            await handle.result()
+    assert ran == []
+
+
 async def test_earlier_of_deadline_and_timeout_applies(
     registry: StepRegistry, autojump_clock: trio.testing.MockClock
 ) -> None:

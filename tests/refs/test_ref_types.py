@@ -145,6 +145,28 @@ def test_incomplete_registration() -> None:
         register_ref_type(Vector, "", vector_to_bytes, vector_from_bytes)
 
 
+@pytest.mark.parametrize(
+    ("value", "tag"),
+    [(b"raw", "peerflow.bytes"), (bytearray(b"raw"), "peerflow.bytearray"), ("ré", "peerflow.str")],
+)
+def test_bytes_and_str_are_serializable_out_of_the_box(value: object, tag: str) -> None:
+    reg = SessionRefRegistry("n")
+    ref_id = reg.insert(value)
+    assert reg.descriptor(ref_id).type_tag == tag
+    payload = bytes(reg.serialize(ref_id))
+    serializer = serializer_for_tag(tag)
+    assert serializer is not None
+    assert serializer.from_bytes(payload) == value
+
+
+def test_large_bytes_stream_without_a_copy() -> None:
+    reg = SessionRefRegistry("n")
+    data = bytes(1 << 20)
+    payload = reg.serialize(reg.insert(data))
+    assert isinstance(payload, memoryview)
+    assert payload.obj is data
+
+
 def test_unregister_restores_live_only() -> None:
     register_ref_type(Vector, "tests.Vector", vector_to_bytes, vector_from_bytes)
     assert serializer_for_type(Vector) is not None

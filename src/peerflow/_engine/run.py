@@ -121,6 +121,8 @@ class Run:
         self._semaphores = {step_id: trio.Semaphore(n) for step_id, n in limits.items()}
         self._buffers: dict[tuple[str, frozenset[str]], list[Event]] = {}
         self._nursery: trio.Nursery | None = None
+        self._stopped = False
+        self._stop_value: Any = None
         # Set once the outcome is decided; later results and errors are moot.
         self._decided = False
 
@@ -137,15 +139,21 @@ class Run:
         if self._timeout is not None:
             deadline = min(deadline, started + self._timeout)
         try:
-            timed_out = False
-            if deadline == math.inf:
+            if deadline <= started:
+                timed_out = True  # a caller's deadline that has passed: run nothing
+            elif deadline == math.inf:
                 # No deadline: spare the hot path a cancel scope that never fires.
+                timed_out = False
                 await self._run_steps()
             else:
                 with trio.CancelScope(deadline=deadline) as deadline_scope:
                     await self._run_steps()
                 timed_out = deadline_scope.cancelled_caught
-            if not self._decided:
+            if self._stopped:
+                # Built only now, so refs inserted while the steps were being
+                # cancelled are accounted for too.
+                self.result = self._build_result()
+            elif not self._decided:
                 self._decided = True
                 if timed_out:
                     self.error = WorkflowTimeoutError(self.workflow_name, deadline - started)
@@ -265,13 +273,17 @@ class Run:
 
     def _finish(self, result: Any) -> None:
         self._decided = True
+        self._stopped = True
+        self._stop_value = result
+        self._cancel()
+
+    def _build_result(self) -> RunResult:
         refs = {
             entry.ref_uuid: entry.descriptor
             for entry in self.refs.registry.list_run(self.run_id)
             if entry.descriptor.lifetime is not _CONTEXT
         }
-        self.result = RunResult(self.run_id, result, self.state, refs)
-        self._cancel()
+        return RunResult(self.run_id, self._stop_value, self.state, refs)
 
     def _fail(self, error: WorkflowError) -> None:
         if self._decided:

@@ -189,8 +189,7 @@ class Workflow:
         refs: SessionRefRegistry | None = None,
         owner: Hashable = None,
         parent_scope: Hashable = None,
-        # The timeout becomes the run's own cancel scope, not a wait on it.
-        timeout: float | EllipsisType | None = ...,  # noqa: ASYNC109
+        timeout: float | EllipsisType | None = ...,
         deadline: float | None = None,
     ) -> RunResult:
         """Run the workflow on ``input`` to its end and return the result.
