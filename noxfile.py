@@ -53,6 +53,8 @@ def examples(session: nox.Session) -> None:
     """Run every example script; each must exit 0 on its own."""
     session.install("-e", ".")
     for script in sorted((ROOT / "examples").glob("*.py")):
-        if script.name.startswith("_"):
+        # A steps module is imported by the others; the peer server runs until
+        # stopped and is exercised by parent.py, which starts it.
+        if script.name in {"analysis_steps.py", "peer_server.py"}:
             continue
         session.run("python", str(script))

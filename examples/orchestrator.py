@@ -1,6 +1,6 @@
 """A parent workflow that hands a sub-workflow to a peer, both in one process on loopback.
 
-Machine B (the peer) registers two steps and serves them. Machine A (the
+Machine B (the peer) serves the steps of ``analysis_steps.py``. Machine A (the
 parent) runs a workflow whose step delegates to B, then prints the remote
 result, the exported state and the remote refs, fetches one ref's bytes and
 releases it. Run it with ``python3 examples/orchestrator.py``.
@@ -10,70 +10,24 @@ from __future__ import annotations
 
 import json
 
-import attrs
 import trio
+from analysis_steps import STEP_IDS, peer_steps
 
-import peerflow
-from peerflow import (
-    Event,
-    PeerClient,
-    PeerServer,
-    RefLifetime,
-    StartEvent,
-    StepRegistry,
-    StopEvent,
-    Workflow,
-)
-
-# ---------------------------------------------------------------------------
-# Machine B: the peer. Building the workflow registers its steps, and the
-# PeerServer finds them by id.
-
-peer_steps = StepRegistry()
-analyze_pipeline = Workflow("analyze-pipeline", registry=peer_steps)
-
-
-@attrs.define
-class Analyzed(Event, event_type="my_app.Analyzed"):
-    entities: list[str]
-
-
-@analyze_pipeline.step("my_app::analyze", accepts=[StartEvent])
-async def analyze(event: StartEvent, ctx: peerflow.Context) -> Analyzed:
-    document: str = event.data["document"]
-    entities = sorted({word.strip(".,") for word in document.split() if word[:1].isupper()})
-    ctx.state["word_count"] = len(document.split())
-    # A value that stays on the peer until the parent's client scope ends.
-    report = json.dumps({"entities": entities, "chars": len(document)}).encode()
-    ctx.state["report_ref"] = ctx.refs.insert(report, lifetime=RefLifetime.UNTIL_PARENT_FINISH)
-    return Analyzed(entities=entities)
-
-
-@analyze_pipeline.step("my_app::summarize", accepts=[Analyzed])
-async def summarize(event: Analyzed, ctx: peerflow.Context) -> StopEvent:
-    summary = f"{len(event.entities)} entities: {', '.join(event.entities)}"
-    return StopEvent(result={"summary": summary})
-
-
-# ---------------------------------------------------------------------------
-# Machine A: the parent workflow, delegating to the peer through a client.
+from peerflow import Context, PeerClient, PeerServer, StartEvent, StepRegistry, StopEvent, Workflow
 
 
 def parent_workflow(client: PeerClient) -> Workflow:
-    """The orchestrating workflow; its only step runs the analysis on the peer."""
+    """Machine A's workflow: its one step runs the analysis on the peer."""
     parent = Workflow("distributed-example", registry=StepRegistry())
 
     @parent.step("orchestrate", accepts=[StartEvent])
-    async def orchestrate(event: StartEvent, ctx: peerflow.Context) -> StopEvent:
+    async def orchestrate(event: StartEvent, ctx: Context) -> StopEvent:
         response = await client.invoke_sub_workflow(
-            "analyze-pipeline",
-            ["my_app::analyze", "my_app::summarize"],
-            {"document": event.data["document"]},
-            timeout=60,
+            "analyze-pipeline", STEP_IDS, {"document": event.data["document"]}, timeout=60
         )
         response.raise_for_error()
         ctx.state["remote_state"] = response.state
-        ctx.state["remote_refs"] = list(response.remote_refs)
+        ctx.state["remote_refs"] = response.remote_refs
         return StopEvent(result=response.result)
 
     return parent
@@ -91,21 +45,17 @@ async def main() -> None:
             )
             print("result:", run.result)
             print("exported state:", run.state["remote_state"])
-
-            response = await client.invoke_sub_workflow(
-                "analyze-pipeline", ["my_app::analyze", "my_app::summarize"], {"document": "Hi Bob"}
-            )
-            for ref_uuid, descriptor in response.remote_refs.items():
+            for ref_uuid, descriptor in run.state["remote_refs"].items():
                 print(
-                    f"ref {ref_uuid} from {descriptor.origin_node_id}",
+                    f"remote ref {ref_uuid} from {descriptor.origin_node_id}:",
                     f"type={descriptor.type_tag} size={descriptor.size}",
                     f"lifetime={descriptor.lifetime.value}",
                 )
                 payload = await client.deref_session_ref(ref_uuid)
-                print("dereffed:", json.loads(payload))
-                print("released:", await client.release_session_ref(ref_uuid))
+                print("  dereffed:", json.loads(payload))
+                print("  released:", await client.release_session_ref(ref_uuid))
 
-        # The client's scope has ended: its UNTIL_PARENT_FINISH refs are gone.
+        # The client's scope has ended: nothing it was handed is left behind.
         print("refs left on the peer:", len(server.refs))
         nursery.cancel_scope.cancel()
 
