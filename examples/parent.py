@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from functools import partial
 
 import trio
 from analysis_steps import STEP_IDS
@@ -45,9 +46,7 @@ async def main() -> None:
     server = [sys.executable, os.path.join(HERE, "peer_server.py"), "--bind", "127.0.0.1:0"]
     async with trio.open_nursery() as nursery:
         process = await nursery.start(
-            lambda task_status: trio.run_process(
-                server, stdout=subprocess.PIPE, check=False, task_status=task_status
-            )
+            partial(trio.run_process, server, stdout=subprocess.PIPE, check=False)
         )
         try:
             with trio.fail_after(30):
