@@ -281,7 +281,7 @@ class PeerClient:
         """
         request = self._request(workflow_name, step_ids, input, timeout)
         with collapse_excgroups(), _deadline_scope(timeout) as timer:
-            async with self._call(grpc.STREAM_SUB_WORKFLOW, request, timeout) as reader:
+            async with self._call(grpc.STREAM_SUB_WORKFLOW, request) as reader:
                 yield StreamCall(reader, self)
         if timer.cancelled_caught:
             raise PeerTimeoutError(f"StreamSubWorkflow timed out after {timeout:g}s")
@@ -315,7 +315,7 @@ class PeerClient:
         """
         request = encode_message(DerefSessionRefRequest(ref_uuid))
         with _deadline_scope(timeout) as timer:
-            async with self._call(grpc.DEREF_SESSION_REF, request, timeout) as reader:
+            async with self._call(grpc.DEREF_SESSION_REF, request) as reader:
                 yield _Payloads(reader)
         if timer.cancelled_caught:
             raise PeerTimeoutError(f"DerefSessionRef timed out after {timeout:g}s")
@@ -364,30 +364,39 @@ class PeerClient:
     async def _unary(
         self, method: grpc.MethodSpec, request: bytes, cls: type[M], timeout: float | None
     ) -> M:
-        result: M | None = None
-        with _deadline_scope(timeout) as timer:
-            async with self._call(method, request, timeout) as reader:
-                async for raw in reader:
-                    if result is not None:
-                        raise PeerTransportError(f"{method.name}: more than one response message")
-                    result = decode_message(cls, raw)
-        if timer.cancelled_caught:
-            raise PeerTimeoutError(f"{method.name} timed out after {timeout:g}s")
+        if timeout is None:
+            return await self._unary_exchange(method, request, cls)
+        with trio.move_on_after(timeout):
+            return await self._unary_exchange(method, request, cls)
+        raise PeerTimeoutError(f"{method.name} timed out after {timeout:g}s")
+
+    async def _unary_exchange(self, method: grpc.MethodSpec, request: bytes, cls: type[M]) -> M:
+        # The hot path of every call: no context-manager machinery, one stream.
+        stream = await self._conn.open_stream(self._headers_for(method))
+        try:
+            await stream.send_data(encode_frame(request), end_stream=True)
+            result: M | None = None
+            async for raw in _Reader(stream, method, self._limits.max_message_size):
+                if result is not None:
+                    raise PeerTransportError(f"{method.name}: more than one response message")
+                result = decode_message(cls, raw)
+        finally:
+            await stream.aclose()
         if result is None:
             raise PeerTransportError(f"{method.name}: the peer sent no response message")
         return result
 
-    @asynccontextmanager
-    async def _call(
-        self, method: grpc.MethodSpec, request: bytes, timeout: float | None
-    ) -> AsyncIterator[_Reader]:
+    def _headers_for(self, method: grpc.MethodSpec) -> list[tuple[bytes, bytes]]:
         headers = [(b":path", method.path.encode()), *self._base_headers]
         deadline = trio.current_effective_deadline()
         if deadline != math.inf:
-            headers.append(
-                (b"grpc-timeout", grpc.encode_grpc_timeout(deadline - trio.current_time()).encode())
-            )
-        stream = await self._conn.open_stream(headers)
+            timeout = grpc.encode_grpc_timeout(deadline - trio.current_time())
+            headers.append((b"grpc-timeout", timeout.encode()))
+        return headers
+
+    @asynccontextmanager
+    async def _call(self, method: grpc.MethodSpec, request: bytes) -> AsyncIterator[_Reader]:
+        stream = await self._conn.open_stream(self._headers_for(method))
         async with stream:
             await stream.send_data(encode_frame(request), end_stream=True)
             yield _Reader(stream, method, self._limits.max_message_size)

@@ -153,14 +153,17 @@ class PeerServer:
         """
         if self._nursery is not None:
             raise RuntimeError("this PeerServer is already running")
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            try:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 await nursery.start(self.service.run_reaper)
-                yield
-            finally:
-                self._nursery = None
-                nursery.cancel_scope.cancel()
+                try:
+                    yield
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            # Only now: connections still draining need the nursery for their scopes.
+            self._nursery = None
 
     async def serve_stream(self, stream: trio.abc.Stream) -> None:
         """Serve one already-open connection, over any trio stream, until it ends.
