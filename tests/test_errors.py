@@ -38,7 +38,7 @@ def test_public_objects_report_the_public_module() -> None:
 
 async def test_trio_mode_is_on() -> None:
     with trio.fail_after(1):
-        await trio.sleep(0)
+        await trio.lowlevel.checkpoint()
 
 
 def test_remote_workflow_error_message() -> None:

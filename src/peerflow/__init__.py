@@ -6,10 +6,38 @@ object's ``__module__`` is fixed up to ``"peerflow"``.
 
 from __future__ import annotations
 
-import types
+import contextlib
 
+from ._engine.context import Context as Context
+from ._engine.events import DynamicEvent as DynamicEvent
+from ._engine.events import Event as Event
+from ._engine.events import StartEvent as StartEvent
+from ._engine.events import StopEvent as StopEvent
+from ._engine.run import RunResult as RunResult
+from ._engine.run import WorkflowHandle as WorkflowHandle
+from ._engine.steps import StepRegistry as StepRegistry
+from ._engine.steps import StepSpec as StepSpec
+from ._engine.workflow import Workflow as Workflow
+from ._peer.auth import peer_token_env as peer_token_env
+from ._peer.auth import resolve_peer_token as resolve_peer_token
+from ._peer.client import PeerClient as PeerClient
+from ._peer.client import StreamCall as StreamCall
+from ._peer.limits import Limits as Limits
+from ._peer.server import PeerAddress as PeerAddress
+from ._peer.server import PeerServer as PeerServer
 from ._refs.descriptor import RefLifetime as RefLifetime
 from ._refs.descriptor import RemoteRefDescriptor as RemoteRefDescriptor
+from ._refs.registry import RefEntry as RefEntry
+from ._refs.registry import RefRegistryStatistics as RefRegistryStatistics
+from ._refs.registry import RefsView as RefsView
+from ._refs.registry import SessionRefRegistry as SessionRefRegistry
+from ._refs.serializers import RefTypeSerializer as RefTypeSerializer
+from ._refs.serializers import register_ref_type as register_ref_type
+from ._transport.tls import load_client_tls as load_client_tls
+from ._transport.tls import load_server_tls as load_server_tls
+from ._wire.envelopes import InlineRef as InlineRef
+from ._wire.envelopes import SubWorkflowResponse as SubWorkflowResponse
+from ._wire.version import peer_envelope_version as peer_envelope_version
 from .errors import DuplicateStepError as DuplicateStepError
 from .errors import PeerAuthError as PeerAuthError
 from .errors import PeerEncodeError as PeerEncodeError
@@ -34,55 +62,63 @@ from .errors import UnroutableEventError as UnroutableEventError
 from .errors import WorkflowError as WorkflowError
 from .errors import WorkflowTimeoutError as WorkflowTimeoutError
 
-# --- engine exports (owned by the engine work) ---
-from ._engine.context import Context as Context
-from ._engine.events import DynamicEvent as DynamicEvent
-from ._engine.events import Event as Event
-from ._engine.events import StartEvent as StartEvent
-from ._engine.events import StopEvent as StopEvent
-from ._engine.run import RunResult as RunResult
-from ._engine.run import WorkflowHandle as WorkflowHandle
-from ._engine.steps import StepRegistry as StepRegistry
-from ._engine.steps import StepSpec as StepSpec
-from ._engine.workflow import Workflow as Workflow
-from ._refs.registry import RefEntry as RefEntry
-from ._refs.registry import RefRegistryStatistics as RefRegistryStatistics
-from ._refs.registry import RefsView as RefsView
-from ._refs.registry import SessionRefRegistry as SessionRefRegistry
-from ._refs.serializers import RefTypeSerializer as RefTypeSerializer
-from ._refs.serializers import register_ref_type as register_ref_type
-# --- end engine exports ---
-
-# --- wire exports (owned by the wire work) ---
-from ._wire.envelopes import InlineRef as InlineRef
-from ._wire.envelopes import SubWorkflowResponse as SubWorkflowResponse
-from ._wire.version import peer_envelope_version as peer_envelope_version
-# --- end wire exports ---
-
-# --- peer exports (owned by the peer work) ---
-from ._peer.client import PeerClient as PeerClient
-from ._peer.client import StreamCall as StreamCall
-from ._peer.limits import Limits as Limits
-from ._peer.server import PeerAddress as PeerAddress
-from ._peer.server import PeerServer as PeerServer
-# --- end peer exports ---
-
-# --- security exports (owned by the security work) ---
-# isort: off
-from ._peer.auth import peer_token_env as peer_token_env
-from ._peer.auth import resolve_peer_token as resolve_peer_token
-from ._transport.tls import load_client_tls as load_client_tls
-from ._transport.tls import load_server_tls as load_server_tls
-# isort: on
-# --- end security exports ---
-
 __version__ = "0.1.0.dev0"
 
-__all__ = sorted(
-    name
-    for name, value in globals().items()
-    if not name.startswith("_") and isinstance(value, type | types.FunctionType)
-)
+__all__ = [
+    "Context",
+    "DuplicateStepError",
+    "DynamicEvent",
+    "Event",
+    "InlineRef",
+    "Limits",
+    "PeerAddress",
+    "PeerAuthError",
+    "PeerClient",
+    "PeerEncodeError",
+    "PeerEnvelopeVersionError",
+    "PeerError",
+    "PeerLimitError",
+    "PeerRefNotFoundError",
+    "PeerRefNotSerializableError",
+    "PeerServer",
+    "PeerTimeoutError",
+    "PeerTlsError",
+    "PeerTransportError",
+    "PeerUnknownStepError",
+    "PeerWorkflowError",
+    "PeerflowError",
+    "RefCapacityError",
+    "RefEntry",
+    "RefError",
+    "RefLifetime",
+    "RefNotFoundError",
+    "RefNotSerializableError",
+    "RefRegistryStatistics",
+    "RefTypeSerializer",
+    "RefsView",
+    "RemoteRefDescriptor",
+    "RunResult",
+    "SessionRefRegistry",
+    "StartEvent",
+    "StepError",
+    "StepRegistry",
+    "StepSpec",
+    "StepTimeoutError",
+    "StopEvent",
+    "StreamCall",
+    "SubWorkflowResponse",
+    "UnroutableEventError",
+    "Workflow",
+    "WorkflowError",
+    "WorkflowHandle",
+    "WorkflowTimeoutError",
+    "load_client_tls",
+    "load_server_tls",
+    "peer_envelope_version",
+    "peer_token_env",
+    "register_ref_type",
+    "resolve_peer_token",
+]
 
 
 def _fixup_module_names() -> None:
@@ -91,10 +127,8 @@ def _fixup_module_names() -> None:
     for name in __all__:
         obj = globals()[name]
         if getattr(obj, "__module__", "").startswith("peerflow."):
-            try:
+            with contextlib.suppress(AttributeError, TypeError):
                 obj.__module__ = __name__
-            except (AttributeError, TypeError):  # pragma: no cover - builtins
-                pass
 
 
 _fixup_module_names()
