@@ -19,8 +19,15 @@ import sys
 
 import trio
 
-from peerflow import PeerClient, PeerServer, RefLifetime, StartEvent, StepRegistry, StopEvent
-from peerflow import Workflow
+from peerflow import (
+    PeerClient,
+    PeerServer,
+    RefLifetime,
+    StartEvent,
+    StepRegistry,
+    StopEvent,
+    Workflow,
+)
 
 steps = StepRegistry()
 wf = Workflow("mem", registry=steps)
@@ -59,7 +66,8 @@ async def client(port: int, size: int) -> dict[str, int]:
                 streamed += len(chunk)
         after_stream = peak_rss()
         data = await peer.deref_session_ref(ref)
-        assert len(data) == size == streamed
+        assert len(data) == size
+        assert streamed == size
         del data
         await peer.release_session_ref(ref)
     return {"baseline": baseline, "after_stream": after_stream, "after_join": peak_rss()}
@@ -81,7 +89,8 @@ def main() -> None:
         stdout=subprocess.PIPE,
         text=True,
     )
-    assert server.stdin is not None and server.stdout is not None
+    assert server.stdin is not None
+    assert server.stdout is not None
     try:
         started = json.loads(server.stdout.readline())
         out = subprocess.run(
@@ -101,12 +110,10 @@ def main() -> None:
     mib = size / 2**20
     print(f"value: {mib:.0f} MiB")
     print(f"server peak growth: {(server_peak - started['baseline']) / size:.2f}x the value")
-    print(
-        f"client peak growth, streaming chunks: {(seen['after_stream'] - seen['baseline']) / size:.2f}x"
-    )
-    print(
-        f"client peak growth, deref_session_ref (joined bytes): {(seen['after_join'] - seen['baseline']) / size:.2f}x"
-    )
+    streaming = (seen["after_stream"] - seen["baseline"]) / size
+    joined = (seen["after_join"] - seen["baseline"]) / size
+    print(f"client peak growth, streaming chunks: {streaming:.2f}x")
+    print(f"client peak growth, deref_session_ref (joined bytes): {joined:.2f}x")
 
 
 if __name__ == "__main__":
