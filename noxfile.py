@@ -58,3 +58,10 @@ def examples(session: nox.Session) -> None:
         if script.name in {"analysis_steps.py", "peer_server.py"}:
             continue
         session.run("python", str(script))
+
+
+@nox.session(python="3.11")
+def interop(session: nox.Session) -> None:
+    """Interop with third-party gRPC/HTTP/2 stacks: grpcio both ways, and h2load if installed."""
+    session.install("-e", ".[test]")
+    session.run("python", "-m", "pytest", "tests/interop", *session.posargs)
