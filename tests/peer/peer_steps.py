@@ -67,6 +67,11 @@ def build_steps(probe: Probe) -> StepRegistry:
             ids.append(ctx.refs.insert(value, lifetime=RefLifetime(lifetime)))
         return StopEvent(result=ids)
 
+    @wf.step("unsendable", accepts=[StartEvent])
+    async def unsendable(event: StartEvent, ctx: Context) -> StopEvent:
+        ctx.refs.insert(b"kept", lifetime=RefLifetime.UNTIL_EXPLICIT_DROP)
+        return StopEvent(result={"when": {1, 2}})
+
     @wf.step("big", accepts=[StartEvent])
     async def big(event: StartEvent, ctx: Context) -> StopEvent:
         value = bytes(range(256)) * (event.data // 256)

@@ -52,6 +52,18 @@ async def test_input_that_cannot_travel_names_its_path(client: PeerClient) -> No
         await client.invoke_sub_workflow("w", "echo", {})
 
 
+async def test_a_result_that_cannot_travel_is_an_error_that_keeps_the_refs(
+    client: PeerClient, server: PeerServer
+) -> None:
+    response = await client.invoke_sub_workflow("w", ["unsendable"], None)
+    assert response.error is not None
+    assert 'result["when"]' in response.error
+    assert response.error_type == "PeerEncodeError"
+    (ref_uuid,) = response.remote_refs
+    assert await client.release_session_ref(ref_uuid) is True
+    assert len(server.refs) == 0
+
+
 async def test_one_connection_carries_many_concurrent_calls(client: PeerClient) -> None:
     results: dict[int, object] = {}
 

@@ -38,7 +38,7 @@ from .._wire.framing import NEED_DATA, FrameDecoder, encode_frame, encode_frame_
 from ..errors import PeerAuthError, PeerEncodeError, PeerError, PeerflowError, PeerTimeoutError
 from .auth import check_bearer, token_principal
 from .limits import Limits
-from .service import Caller, PeerService
+from .service import Caller, PeerService, unencodable_output
 
 __all__ = ["GrpcHandler"]
 
@@ -198,7 +198,11 @@ class GrpcHandler:
     ) -> None:
         request = decode_message(InvokeSubWorkflowRequest, raw)
         response = await self._service.invoke(request, caller, deadline=deadline)
-        await self._unary_reply(stream, encode_message(response))
+        try:
+            body = encode_message(response)
+        except PeerEncodeError as exc:
+            body = encode_message(unencodable_output(response, exc))
+        await self._unary_reply(stream, body)
 
     async def _stream(
         self, stream: ServerStream, raw: bytes, caller: Caller, deadline: float
@@ -213,7 +217,11 @@ class GrpcHandler:
             await stream.send_data(encode_frame(encode_stream_message(message)))
 
         response = await self._service.invoke(request, caller, deadline=deadline, on_event=forward)
-        await stream.send_data(encode_frame(encode_stream_message(response)))
+        try:
+            body = encode_stream_message(response)
+        except PeerEncodeError as exc:
+            body = encode_stream_message(unencodable_output(response, exc))
+        await stream.send_data(encode_frame(body))
         stream.send_trailers(_OK_TRAILERS)
 
     async def _deref(

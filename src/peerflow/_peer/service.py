@@ -28,8 +28,8 @@ from .._wire.envelopes import (
     LeaseResponse,
     SubWorkflowResponse,
 )
-from .._wire.values import locate_problem
 from ..errors import (
+    PeerEncodeError,
     PeerTimeoutError,
     PeerUnknownStepError,
     StepError,
@@ -40,7 +40,7 @@ from ..errors import (
 from .leases import LeaseTable
 from .limits import Limits
 
-__all__ = ["Caller", "PeerService"]
+__all__ = ["Caller", "PeerService", "unencodable_output"]
 
 log = logging.getLogger("peerflow.peer.service")
 
@@ -178,11 +178,6 @@ class PeerService:
     def _success(
         self, result: Any, state: dict[str, Any], entries: list[RefEntry]
     ) -> SubWorkflowResponse:
-        problem = locate_problem({"result": result, "state": state})
-        if problem is not None:
-            return SubWorkflowResponse(
-                error=f"the run's output cannot travel: {problem}", error_type="PeerEncodeError"
-            )
         remote, inline, dropped = {}, {}, []
         for entry in entries:
             if entry.descriptor.lifetime is not _CONTEXT:
@@ -234,6 +229,21 @@ class PeerService:
     ) -> None:
         """Purge the refs of expired leases until cancelled."""
         await self.leases.run_reaper(task_status=task_status)
+
+
+def unencodable_output(response: SubWorkflowResponse, exc: PeerEncodeError) -> SubWorkflowResponse:
+    """Replace a response whose result or state cannot be encoded with an error.
+
+    Its refs stay listed: they exist on this node, and the caller must be able
+    to release them.
+    """
+    return attrs.evolve(
+        response,
+        result=None,
+        state={},
+        error=f"the run's output cannot travel: {exc}",
+        error_type="PeerEncodeError",
+    )
 
 
 def _failure(exc: WorkflowError) -> SubWorkflowResponse:
