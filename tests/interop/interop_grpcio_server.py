@@ -62,12 +62,15 @@ class ReferencePeer:
     ``until_explicit_drop`` ref of ``input`` bytes), ``fail`` (a workflow
     failure), ``future`` (answers with envelope version 99), ``unavailable``
     and ``not-found-plain`` (bare statuses), ``progress`` (streams two events
-    around ``gate``), ``hang`` (waits until the caller gives up).
+    around ``gate``), ``gated`` (answers once ``gate`` is set), ``hang``
+    (waits until the caller gives up).
     """
 
     node_id: str = "grpcio-peer"
     leases: bool = True
     chunk_size: int = 1000
+    #: grpcio's own limit on request messages (its default is 4 MiB).
+    max_receive_message_length: int | None = None
     seen: list[Seen] = attrs.field(factory=list)
     refs: dict[str, StoredRef] = attrs.field(factory=dict)
     open_leases: dict[tuple[str, str], int] = attrs.field(factory=dict)
@@ -92,9 +95,13 @@ class ReferencePeer:
         }
         if self.leases:
             handlers["Lease"] = grpc.unary_unary_rpc_method_handler(self._lease)
+        options = []
+        if self.max_receive_message_length is not None:
+            options.append(("grpc.max_receive_message_length", self.max_receive_message_length))
         server = grpc.server(
             ThreadPoolExecutor(max_workers=16),
             handlers=[grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)],
+            options=options,
         )
         self.port = server.add_insecure_port("127.0.0.1:0")
         server.start()
@@ -104,6 +111,14 @@ class ReferencePeer:
         """Stop at once, cancelling calls in flight."""
         if self._server is not None:
             self._server.stop(grace=None).wait(HANDLER_WAIT)
+
+    def begin_graceful_stop(self, grace: float) -> None:
+        """Start grpcio's graceful shutdown (GOAWAY) and return at once.
+
+        Calls in flight may run on for ``grace`` seconds; new ones are refused.
+        """
+        assert self._server is not None
+        self._server.stop(grace=grace)
 
     def requests(self, method: str) -> list[Seen]:
         """The calls of one method received so far, oldest first."""
@@ -335,6 +350,13 @@ def _not_found_plain(
     raise Abort(grpc.StatusCode.NOT_FOUND, "no such thing", None)
 
 
+def _gated(
+    peer: ReferencePeer, request: dict[str, Any], context: grpc.ServicerContext
+) -> dict[str, Any]:
+    peer.gate.wait(HANDLER_WAIT)
+    return _response("through the gate")
+
+
 def _hang(peer: ReferencePeer, request: dict[str, Any], context: grpc.ServicerContext) -> NoReturn:
     # The callback runs when the call ends for any reason: here, the caller giving up.
     ended = threading.Event()
@@ -355,4 +377,5 @@ _STEPS: dict[str, Step] = {
     "unavailable": _unavailable,
     "not-found-plain": _not_found_plain,
     "hang": _hang,
+    "gated": _gated,
 }

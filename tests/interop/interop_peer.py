@@ -128,6 +128,12 @@ def build_steps(probe: Probe) -> StepRegistry:
         probe.finished = True
         return StopEvent(result="slept")
 
+    @wf.step("gated", accepts=[StartEvent])
+    async def gated(event: StartEvent, ctx: Context) -> StopEvent:
+        probe.started.set()
+        await probe.gate.wait()
+        return StopEvent(result="through the gate")
+
     @wf.step("progress", accepts=[StartEvent])
     async def progress(event: StartEvent, ctx: Context) -> StopEvent:
         ctx.write_event_to_stream(Progress(1))

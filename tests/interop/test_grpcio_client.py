@@ -11,8 +11,10 @@ import uuid
 import grpc
 import pytest
 import trio
+import trio.testing
 from interop_peer import (
     CHANNEL_OPTIONS,
+    SERVICE,
     GrpcioCaller,
     Probe,
     error_details,
@@ -312,6 +314,178 @@ async def test_the_request_s_timeout_ms_bounds_the_run_and_the_peer_says_so(
         await wait_until(lambda: len(server.refs) == 0)
     assert probe.cancelled
     assert not probe.finished
+
+
+async def test_cancelling_a_grpcio_call_cancels_the_remote_run(
+    caller: GrpcioCaller, server: PeerServer, probe: Probe
+) -> None:
+    call = caller.channel.unary_unary(SERVICE + "InvokeSubWorkflow")
+    request = pack(invoke_request(["slow"], 600))
+    with trio.fail_after(TIMEOUT):
+        future = await trio.to_thread.run_sync(
+            lambda: call.future(request, timeout=TIMEOUT, metadata=caller.metadata())
+        )
+        await probe.started.wait()
+        assert len(server.refs) == 2
+        future.cancel()
+        await wait_until(lambda: probe.cancelled and len(server.refs) == 0)
+    assert not probe.finished
+    assert future.cancelled()
+
+
+async def test_a_deadline_on_a_streaming_call_cancels_the_remote_run(
+    caller: GrpcioCaller, server: PeerServer, probe: Probe
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        await caller.unary("InvokeSubWorkflow", invoke_request(["echo"], None))
+        # The run parks on the gate after its first event, until the deadline.
+        with pytest.raises(grpc.RpcError) as info:
+            await caller.server_stream(
+                "StreamSubWorkflow", invoke_request(["progress"], None), timeout=0.5
+            )
+        assert status_of(info.value) == grpc.StatusCode.DEADLINE_EXCEEDED
+        await wait_until(lambda: server.refs.statistics().runs == 0)
+
+
+async def test_a_compressed_message_is_invalid_argument(caller: GrpcioCaller) -> None:
+    call = caller.channel.unary_unary(SERVICE + "InvokeSubWorkflow")
+    # Large and repetitive, so grpcio really compresses it (flag 1).
+    request = pack(invoke_request(["echo"], "a" * 100_000))
+    with trio.fail_after(TIMEOUT):
+        with pytest.raises(grpc.RpcError) as info:
+            await trio.to_thread.run_sync(
+                lambda: call(
+                    request,
+                    timeout=TIMEOUT,
+                    metadata=caller.metadata(),
+                    compression=grpc.Compression.Gzip,
+                )
+            )
+    assert status_of(info.value) == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_details(info.value)["code"] == "encode"
+
+
+@pytest.mark.parametrize("limits", [Limits(max_message_size=1024)])
+async def test_an_oversized_request_is_resource_exhausted(caller: GrpcioCaller) -> None:
+    with trio.fail_after(TIMEOUT):
+        with pytest.raises(grpc.RpcError) as info:
+            await caller.unary("InvokeSubWorkflow", invoke_request(["echo"], b"x" * 2000))
+        assert status_of(info.value) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert error_details(info.value)["code"] == "limit"
+        response = await caller.unary("InvokeSubWorkflow", invoke_request(["echo"], "small"))
+        assert response["result"] == "small"
+
+
+@pytest.mark.parametrize("count", [0, 2])
+async def test_a_unary_method_wants_exactly_one_request_message(
+    caller: GrpcioCaller, probe: Probe, count: int
+) -> None:
+    call = caller.channel.stream_unary(SERVICE + "InvokeSubWorkflow")
+    messages = [pack(invoke_request(["echo"], 1))] * count
+    with trio.fail_after(TIMEOUT):
+        with pytest.raises(grpc.RpcError) as info:
+            await trio.to_thread.run_sync(
+                lambda: call(iter(messages), timeout=TIMEOUT, metadata=caller.metadata())
+            )
+    assert status_of(info.value) == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_details(info.value)["code"] == "encode"
+    assert probe.echoes == 0
+
+
+@pytest.mark.parametrize("limits", [Limits(stream_window=65_535, connection_window=65_535)])
+async def test_large_messages_cross_small_flow_control_windows(address: PeerAddress) -> None:
+    big = 64 * 1024 * 1024
+    options = (
+        *CHANNEL_OPTIONS,
+        ("grpc.max_receive_message_length", big),
+        ("grpc.max_send_message_length", big),
+    )
+    channel = grpc.insecure_channel(f"{address.host}:{address.port}", options=options)
+    value = bytes(range(256)) * (8 * 4096)  # 8 MiB through 64 KiB windows
+    try:
+        with trio.fail_after(TIMEOUT):
+            response = await GrpcioCaller(channel).unary(
+                "InvokeSubWorkflow", invoke_request(["echo"], value)
+            )
+    finally:
+        await trio.to_thread.run_sync(channel.close)
+    assert response["result"] == value
+
+
+@pytest.mark.parametrize("limits", [Limits(max_concurrent_streams=4)])
+async def test_grpcio_queues_calls_beyond_max_concurrent_streams(caller: GrpcioCaller) -> None:
+    with trio.fail_after(TIMEOUT):
+        responses = await caller.unary_concurrently(
+            "InvokeSubWorkflow", [invoke_request(["echo"], i) for i in range(100)]
+        )
+    assert [r["result"] for r in responses] == list(range(100))
+
+
+async def stop_serving_during_a_call(
+    server: PeerServer, probe: Probe, step_id: str
+) -> tuple[object, grpc.StatusCode]:
+    """Stop the server while a grpcio call to ``step_id`` runs, then open the gate.
+
+    Returns what that call got (its result, or its status) and the status of a
+    call made once the server has stopped.
+    """
+    serving = trio.CancelScope()
+    stopped = trio.Event()
+    outcome: list[object] = []
+
+    async def serve(task_status: trio.TaskStatus[PeerAddress]) -> None:
+        with serving:
+            await server.serve("127.0.0.1", 0, task_status=task_status)
+        stopped.set()
+
+    async with trio.open_nursery() as nursery:
+        address = await nursery.start(serve)
+        channel = grpc.insecure_channel(f"{address.host}:{address.port}", options=CHANNEL_OPTIONS)
+        caller = GrpcioCaller(channel)
+
+        async def call() -> None:
+            try:
+                response = await caller.unary("InvokeSubWorkflow", invoke_request([step_id], 60))
+                outcome.append(response["result"])
+            except grpc.RpcError as exc:
+                outcome.append(status_of(exc))
+
+        try:
+            async with trio.open_nursery() as calls:
+                calls.start_soon(call)
+                await probe.started.wait()
+                serving.cancel()
+                # Let the drain begin (GOAWAY out) before the run may finish.
+                await trio.testing.wait_all_tasks_blocked()
+                probe.gate.set()
+            await stopped.wait()
+            with pytest.raises(grpc.RpcError) as info:
+                await caller.unary("InvokeSubWorkflow", invoke_request(["echo"], 1), timeout=5)
+        finally:
+            await trio.to_thread.run_sync(channel.close)
+    return outcome[0], status_of(info.value)
+
+
+async def test_a_call_in_flight_finishes_while_the_server_drains(
+    server: PeerServer, probe: Probe
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        outcome, after = await stop_serving_during_a_call(server, probe, "gated")
+    assert outcome == "through the gate"
+    assert after == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.mark.parametrize("limits", [Limits(drain_grace=0.3)])
+async def test_a_call_that_outlasts_the_drain_grace_is_cancelled_without_trace(
+    server: PeerServer, probe: Probe
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        outcome, after = await stop_serving_during_a_call(server, probe, "slow")
+    assert outcome == grpc.StatusCode.UNAVAILABLE
+    assert after == grpc.StatusCode.UNAVAILABLE
+    assert probe.cancelled
+    assert not probe.finished
+    assert len(server.refs) == 0
 
 
 @pytest.mark.parametrize("token", ["s3cret"])

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 import trio
 from interop_grpcio_server import ReferencePeer
-from interop_peer import Progress
+from interop_peer import Progress, wait_until
 
 import peerflow
 from peerflow import PeerClient, RefLifetime, RemoteRefDescriptor
@@ -229,3 +229,97 @@ async def test_one_connection_carries_many_concurrent_calls(peer: ReferencePeer)
                 for i in range(100):
                     nursery.start_soon(call, i)
     assert results == {i: i for i in range(100)}
+
+
+async def test_cancelling_the_caller_ends_the_call_on_the_grpcio_peer(peer: ReferencePeer) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with PeerClient.connect(peer.url, "node-a", token=None) as client:
+            with trio.move_on_after(0.2) as scope:
+                await client.invoke_sub_workflow("w", ["hang"], None)
+            assert scope.cancelled_caught
+            # RST_STREAM(CANCEL) reached grpcio, which ended the call's context.
+            assert await trio.to_thread.run_sync(peer.hang_ended.wait, 5.0)
+            assert (await client.invoke_sub_workflow("w", ["echo"], 3)).result == 3
+
+
+async def test_large_messages_cross_grpcio_flow_control_both_ways() -> None:
+    peer = ReferencePeer(max_receive_message_length=64 * 1024 * 1024)
+    peer.start()
+    value = bytes(range(256)) * (8 * 4096)  # 8 MiB, far beyond any initial window
+    try:
+        with trio.fail_after(TIMEOUT):
+            async with PeerClient.connect(peer.url, "node-a", token=None) as client:
+                response = await client.invoke_sub_workflow("w", ["echo"], value)
+    finally:
+        await trio.to_thread.run_sync(peer.stop)
+    assert response.result == value
+
+
+async def test_our_client_refuses_an_oversized_message_and_keeps_the_connection(
+    peer: ReferencePeer,
+) -> None:
+    limits = peerflow.Limits(max_message_size=512)
+    with trio.fail_after(TIMEOUT):
+        async with PeerClient.connect(peer.url, "node-a", token=None, limits=limits) as client:
+            ref_uuid = (await client.invoke_sub_workflow("w", ["big"], 4096)).result
+            with pytest.raises(peerflow.PeerLimitError):
+                await client.deref_session_ref(ref_uuid)
+            assert (await client.invoke_sub_workflow("w", ["echo"], 4)).result == 4
+
+
+async def test_a_peer_that_stopped_fails_the_next_call_with_a_transport_error(
+    peer: ReferencePeer,
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with PeerClient.connect(peer.url, "node-a", token=None) as client:
+            assert (await client.invoke_sub_workflow("w", ["echo"], 5)).result == 5
+            await trio.to_thread.run_sync(peer.stop)
+            with pytest.raises(peerflow.PeerTransportError):
+                await client.invoke_sub_workflow("w", ["echo"], 6)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "h2conn: frames that follow a GOAWAY in the same read (grpcio sends GOAWAY+PING) "
+        "raise h2 ProtocolError before the GOAWAY handler reopens the state machine"
+    ),
+)
+async def test_a_call_in_flight_finishes_while_grpcio_shuts_down_gracefully(
+    peer: ReferencePeer,
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with PeerClient.connect(peer.url, "node-a", token=None) as client:
+            results = []
+
+            async def call() -> None:
+                results.append((await client.invoke_sub_workflow("w", ["gated"], None)).result)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(call)
+                await wait_until(lambda: len(peer.requests("Invoke")) == 1)
+                await trio.to_thread.run_sync(peer.begin_graceful_stop, 5.0)
+                peer.gate.set()
+    assert results == ["through the gate"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "h2conn/client: RST_STREAM(NO_ERROR) after a complete response fails the stream "
+        "while the request is still being sent, so the response's grpc-status is lost"
+    ),
+)
+async def test_an_early_error_answer_wins_over_the_request_still_being_sent() -> None:
+    # grpcio refuses an oversized request as soon as its length prefix arrives:
+    # a complete RESOURCE_EXHAUSTED answer, then RST_STREAM(NO_ERROR) to stop
+    # the upload (RFC 9113 8.1). The client must report the answer.
+    peer = ReferencePeer(max_receive_message_length=1024)
+    peer.start()
+    try:
+        with trio.fail_after(TIMEOUT):
+            async with PeerClient.connect(peer.url, "node-a", token=None) as client:
+                with pytest.raises(peerflow.PeerLimitError):
+                    await client.invoke_sub_workflow("w", ["echo"], bytes(8 * 1024 * 1024))
+    finally:
+        await trio.to_thread.run_sync(peer.stop)
