@@ -49,6 +49,20 @@ def typecheck(session: nox.Session) -> None:
 
 
 @nox.session(python="3.11")
+def docs(session: nox.Session) -> None:
+    """Build the documentation site (mkdocs, strict) and run the code samples it shows."""
+    # The test extra too: the samples include a pytest module and trustme certificates.
+    session.install("-e", ".[docs,test]")
+    samples = ROOT / "docs" / "samples"
+    for sample in sorted(samples.glob("*.py")):
+        if not sample.name.startswith("test_"):
+            session.run("python", str(sample))
+    session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider", str(samples))
+    site = pathlib.Path(session.create_tmp()) / "site"
+    session.run("mkdocs", "build", "--strict", "--site-dir", str(site))
+
+
+@nox.session(python="3.11")
 def examples(session: nox.Session) -> None:
     """Run every example script; each must exit 0 on its own."""
     session.install("-e", ".")
