@@ -309,6 +309,10 @@ class Run:
             raise self.error
         raise WorkflowError(f"workflow {self.workflow_name!r} run {self.run_id} was cancelled")
 
+    def created_refs(self) -> list[RefEntry]:
+        """List the refs this run created that are still stored, oldest first."""
+        return self.refs.registry.list_run(self.run_id)
+
     def release_refs(self) -> None:
         """Purge what must not outlive the run; after failure, everything it created."""
         registry = self.refs.registry
@@ -368,7 +372,7 @@ class WorkflowHandle:
         Inside the ``async with`` block this includes ``UNTIL_CONTEXT_DROP``
         refs, so they can be serialized before the block purges them.
         """
-        return self._run.refs.registry.list_run(self._run.run_id)
+        return self._run.created_refs()
 
     async def __aenter__(self) -> WorkflowHandle:
         if self._nursery_manager is not None:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import AsyncIterator, Callable, Hashable, Iterable
+from contextlib import asynccontextmanager
 from types import EllipsisType
 from typing import Any, TypeVar, final
 
@@ -219,6 +220,38 @@ class Workflow:
             UnroutableEventError: an event was emitted that no step accepts.
             WorkflowError: the run ended without a StopEvent.
         """
+        async with self.execute(
+            input,
+            node_id=node_id,
+            run_id=run_id,
+            refs=refs,
+            owner=owner,
+            parent_scope=parent_scope,
+            timeout=timeout,
+            deadline=deadline,
+        ) as run:
+            return run.outcome()
+
+    @asynccontextmanager
+    async def execute(
+        self,
+        input: Any = None,
+        *,
+        node_id: str | None = None,
+        run_id: str | None = None,
+        refs: SessionRefRegistry | None = None,
+        owner: Hashable = None,
+        parent_scope: Hashable = None,
+        timeout: float | EllipsisType | None = ...,
+        deadline: float | None = None,
+    ) -> AsyncIterator[Run]:
+        """Run to the end, then hold the finished run open for the block.
+
+        For hosts (a peer server) that must read what a run left behind,
+        such as its ``UNTIL_CONTEXT_DROP`` refs, before they are purged on
+        leaving the block. ``run.outcome()`` gives the result or raises. The
+        arguments are those of :meth:`run`, which is built on this.
+        """
         run = self._new_run(
             input,
             stream=None,
@@ -232,9 +265,9 @@ class Workflow:
         )
         try:
             await run.main()
+            yield run
         finally:
             run.release_refs()
-        return run.outcome()
 
     def start(
         self,

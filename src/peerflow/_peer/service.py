@@ -16,6 +16,7 @@ import attrs
 import trio
 
 from .._engine.events import Event
+from .._engine.run import RunResult
 from .._engine.steps import StepRegistry, StepSpec
 from .._engine.workflow import Workflow
 from .._refs.descriptor import RefLifetime
@@ -148,32 +149,52 @@ class PeerService:
         workflow = self.assemble(request)
         if request.timeout_ms is not None:
             deadline = min(deadline, trio.current_time() + request.timeout_ms / 1000)
-        async with workflow.start(
-            request.input,
-            node_id=self.node_id,
-            refs=self.refs,
-            owner=caller.owner,
-            parent_scope=self.scope_for(request, caller),
-            deadline=None if deadline == math.inf else deadline,
-        ) as handle:
-            if on_event is not None:
-                async for event in handle.events():
-                    await on_event(event)
+        options: dict[str, Any] = {
+            "node_id": self.node_id,
+            "refs": self.refs,
+            "owner": caller.owner,
+            "parent_scope": self.scope_for(request, caller),
+            "deadline": None if deadline == math.inf else deadline,
+        }
+        # Both blocks answer while the run's refs still exist: leaving them
+        # purges the UNTIL_CONTEXT_DROP refs, whose bytes must ship first.
+        outcome: RunResult | WorkflowError
+        if on_event is None:
+            async with workflow.execute(request.input, **options) as run:
+                try:
+                    outcome = run.outcome()
+                except WorkflowError as exc:
+                    outcome = exc
+                response = self._respond(request, deadline, outcome, run.created_refs())
+            return response
+        async with workflow.start(request.input, **options) as handle:
+            async for event in handle.events():
+                await on_event(event)
             try:
                 outcome = await handle.result()
-            except WorkflowTimeoutError as exc:
-                if not isinstance(exc, StepTimeoutError) and trio.current_time() >= deadline:
-                    raise PeerTimeoutError(
-                        f"sub-workflow {request.workflow_name!r} ran past the caller's deadline"
-                    ) from exc
-                response = _failure(exc)
             except WorkflowError as exc:
-                response = _failure(exc)
-            else:
-                # Still inside the run's scope: UNTIL_CONTEXT_DROP refs exist until
-                # the block exits, so this is the last chance to ship their bytes.
-                response = self._success(outcome.result, outcome.state, handle.created_refs())
+                outcome = exc
+            response = self._respond(request, deadline, outcome, handle.created_refs())
         return response
+
+    def _respond(
+        self,
+        request: InvokeSubWorkflowRequest,
+        deadline: float,
+        outcome: RunResult | WorkflowError,
+        entries: list[RefEntry],
+    ) -> SubWorkflowResponse:
+        if isinstance(outcome, RunResult):
+            return self._success(outcome.result, outcome.state, entries)
+        if (
+            isinstance(outcome, WorkflowTimeoutError)
+            and not isinstance(outcome, StepTimeoutError)
+            and trio.current_time() >= deadline
+        ):
+            raise PeerTimeoutError(
+                f"sub-workflow {request.workflow_name!r} ran past the caller's deadline"
+            ) from outcome
+        return _failure(outcome)
 
     def _success(
         self, result: Any, state: dict[str, Any], entries: list[RefEntry]
