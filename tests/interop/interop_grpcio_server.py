@@ -125,10 +125,6 @@ class ReferencePeer:
         with self._lock:
             return [s for s in self.seen if s.method == method]
 
-    def methods_seen(self) -> list[str]:
-        with self._lock:
-            return [s.method for s in self.seen]
-
     # -- method handlers ---------------------------------------------------------
 
     def _invoke(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
@@ -215,7 +211,12 @@ class ReferencePeer:
             raise Abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"envelope version {version} is newer than {VERSION}",
-                {"code": "envelope_version", "message": "newer", "got": version, "supported": 1},
+                {
+                    "code": "envelope_version",
+                    "message": f"envelope version {version} is newer than {VERSION}",
+                    "got": version,
+                    "supported": VERSION,
+                },
             )
         metadata = {m.key: m.value for m in context.invocation_metadata()}
         with self._lock:
@@ -239,18 +240,22 @@ class ReferencePeer:
         lifetime: str,
     ) -> str:
         ref_uuid = str(uuid.uuid4())
-        descriptor = {
+        descriptor = self.describe(payload, lifetime)
+        lease_id = request.get("lease_id") if lifetime == "until_parent_finish" else None
+        owner = _node_id(context)
+        with self._lock:
+            self.refs[ref_uuid] = StoredRef(owner, payload, descriptor, lease_id)
+        return ref_uuid
+
+    def describe(self, payload: bytes, lifetime: str) -> dict[str, Any]:
+        """A RefDescriptor map for a bytes value held here."""
+        return {
             "origin_node_id": self.node_id,
             "type_tag": "peerflow.bytes",
             "created_at_epoch_ms": int(time.time() * 1000),
             "lifetime": lifetime,
             "size": len(payload),
         }
-        lease_id = request.get("lease_id") if lifetime == "until_parent_finish" else None
-        owner = _node_id(context)
-        with self._lock:
-            self.refs[ref_uuid] = StoredRef(owner, payload, descriptor, lease_id)
-        return ref_uuid
 
     def _guard(self, context: grpc.ServicerContext, work: Callable[[], Any]) -> Any:
         try:
@@ -306,10 +311,9 @@ def _refs(
             ref_uuid = str(uuid.uuid4())
             dropped.append(ref_uuid)
         elif lifetime == "until_context_drop":
-            ref_uuid = peer._store(request, context, payload, lifetime)
-            with peer._lock:
-                stored = peer.refs.pop(ref_uuid)
-            inline[ref_uuid] = {**stored.descriptor, "payload": payload}
+            # Such a ref dies with the run: only its bytes travel.
+            ref_uuid = str(uuid.uuid4())
+            inline[ref_uuid] = {**peer.describe(payload, lifetime), "payload": payload}
         else:
             ref_uuid = peer._store(request, context, payload, lifetime)
             remote[ref_uuid] = peer.refs[ref_uuid].descriptor
