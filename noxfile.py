@@ -81,3 +81,13 @@ def interop(session: nox.Session) -> None:
     """Interop with third-party gRPC/HTTP/2 stacks: grpcio both ways, and h2load if installed."""
     session.install("-e", ".[test]")
     session.run("python", "-m", "pytest", "tests/interop", *session.posargs)
+
+
+@nox.session(python="3.11")
+def bench(session: nox.Session) -> None:
+    """Run every benchmark; pass --quick for a smoke run of the peer comparison."""
+    session.install("-e", ".[dev]")
+    bench_dir = ROOT / "benchmarks"
+    for script in ("engine.py", "codec.py", "h2_raw.py", "deref_memory.py"):
+        session.run("python", str(bench_dir / script))
+    session.run("python", str(bench_dir / "peer.py"), *session.posargs)
