@@ -28,9 +28,9 @@ PARENT = "until_parent_finish"
 EXPLICIT = "until_explicit_drop"
 
 
-def _mtls_server(pki: Pki, steps: StepRegistry, **kw: object) -> PeerServer:
+def _mtls_server(pki: Pki, steps: StepRegistry, limits: Limits | None = None) -> PeerServer:
     tls = load_server_tls(pki.server.cert, pki.server.key, pki.ca)
-    return PeerServer("node-b", registry=steps, token=None, tls=tls, **kw)  # type: ignore[arg-type]
+    return PeerServer("node-b", registry=steps, token=None, tls=tls, limits=limits)
 
 
 def _client_tls(pki: Pki, identity: Identity) -> ssl.SSLContext:
