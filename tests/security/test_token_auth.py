@@ -151,11 +151,6 @@ async def test_no_warning_on_loopback_or_with_a_token(
     assert _open_warnings(caplog) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="PeerServer._warn_if_open returns early whenever tls is set, but TLS without a "
-    "client CA (verify_mode CERT_NONE) authenticates no caller: anyone can still run steps",
-)
 async def test_tls_without_client_certificates_still_warns_on_all_interfaces(
     steps: StepRegistry, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture, pki: Pki
 ) -> None:

@@ -186,7 +186,9 @@ class PeerServer:
         )
 
     def _warn_if_open(self, host: str) -> None:
-        if self.token is not None or self.tls is not None:
+        # TLS without required client certificates encrypts but identifies nobody.
+        certificates_required = self.tls is not None and self.tls.verify_mode == ssl.CERT_REQUIRED
+        if self.token is not None or certificates_required:
             return
         try:
             loopback = ipaddress.ip_address(host).is_loopback
@@ -194,8 +196,8 @@ class PeerServer:
             loopback = host == "localhost"
         if not loopback:
             log.warning(
-                "peer %s listens on %s without a token or TLS: anyone who can reach it "
-                "can run its steps (set PEERFLOW_PEER_TOKEN)",
+                "peer %s listens on %s without a token or client certificates: anyone who "
+                "can reach it can run its steps (set PEERFLOW_PEER_TOKEN, or require mTLS)",
                 self.node_id,
                 host,
             )
