@@ -1,7 +1,10 @@
 """Raw HTTP/2 driver benchmark: echo server and client in separate processes on loopback.
 
 Reports sequential unary latency (p50/p99), calls/s with 64 concurrent
-streams on one connection, and MB/s for a 64 MiB response.
+streams on one connection, and MB/s for a 64 MiB response. Each phase also
+reports the CPU time each process spent per call (or per MB): unlike the
+wall-clock figures it barely moves when other work shares the machine, so
+compare changes by it first.
 
     python benchmarks/h2_raw.py [--calls N]
 """
@@ -12,10 +15,11 @@ import argparse
 import multiprocessing
 import statistics
 import time
+from collections.abc import Awaitable, Callable
 
 import trio
 
-from peerflow._transport.h2conn import ServerStream, open_h2_client
+from peerflow._transport.h2conn import H2ClientConnection, ServerStream, open_h2_client
 from peerflow._transport.listener import connect_tcp, serve_tcp
 
 REQUEST = [
@@ -27,6 +31,7 @@ REQUEST = [
     (b"te", b"trailers"),
 ]
 BULK_PATH = [(k, b"/bench/Bulk" if k == b":path" else v) for k, v in REQUEST]
+CPU_PATH = [(k, b"/bench/Cpu" if k == b":path" else v) for k, v in REQUEST]
 OK = [(b":status", b"200"), (b"content-type", b"application/grpc+msgpack")]
 TRAILERS = [(b"grpc-status", b"0")]
 BULK = memoryview(bytes(64 * 1024 * 1024))
@@ -36,6 +41,8 @@ async def handler(stream: ServerStream) -> None:
     body = await stream.receive_all()
     if stream.path == b"/bench/Bulk":
         await stream.send_response(OK, BULK, TRAILERS)
+    elif stream.path == b"/bench/Cpu":
+        await stream.send_response(OK, str(time.process_time()).encode(), TRAILERS)
     else:
         await stream.send_response(OK, body, TRAILERS)
 
@@ -49,6 +56,29 @@ def run_server(port_queue: multiprocessing.Queue[int]) -> None:
             port_queue.put(port)
 
     trio.run(main)
+
+
+async def measured(
+    conn: H2ClientConnection, label: str, units: float, phase: Callable[[], Awaitable[None]]
+) -> float:
+    """Run ``phase`` and print the CPU seconds each process spent per unit; return wall time."""
+
+    async def server_cpu() -> float:
+        s = await conn.open_stream(CPU_PATH, end_stream=True)
+        await s.receive_headers()
+        return float(await s.receive_all())
+
+    server_start, client_start = await server_cpu(), time.process_time()
+    start = time.perf_counter()
+    await phase()
+    elapsed = time.perf_counter() - start
+    client_used = time.process_time() - client_start
+    server_used = await server_cpu() - server_start
+    print(
+        f"  {label}: server {server_used / units * 1e6:.1f} us, "
+        f"client {client_used / units * 1e6:.1f} us of CPU"
+    )
+    return elapsed
 
 
 async def client(port: int, calls: int) -> None:
@@ -83,20 +113,24 @@ async def client(port: int, calls: int) -> None:
                 done += 1
                 await call()
 
-        start = time.perf_counter()
-        async with trio.open_nursery() as nursery:
-            for _ in range(64):
-                nursery.start_soon(worker)
-        elapsed = time.perf_counter() - start
+        async def in_flight() -> None:
+            async with trio.open_nursery() as nursery:
+                for _ in range(64):
+                    nursery.start_soon(worker)
+
+        elapsed = await measured(conn, "per call", total, in_flight)
         print(f"64 in flight: {total / elapsed:,.0f} calls/s")
 
-        start = time.perf_counter()
-        s = await conn.open_stream(BULK_PATH, end_stream=True)
-        await s.receive_headers()
         size = 0
-        while chunk := await s.receive_data():
-            size += len(chunk)
-        elapsed = time.perf_counter() - start
+
+        async def bulk() -> None:
+            nonlocal size
+            s = await conn.open_stream(BULK_PATH, end_stream=True)
+            await s.receive_headers()
+            while chunk := await s.receive_data():
+                size += len(chunk)
+
+        elapsed = await measured(conn, "per MB", len(BULK) / 1e6, bulk)
         print(f"64 MiB response: {size / elapsed / 1e6:,.0f} MB/s")
 
 

@@ -80,7 +80,7 @@ async def test_200_concurrent_streams_on_one_connection() -> None:
         await stream.send_response(OK, body, TRAILERS)
 
     results: dict[int, bytes] = {}
-    async with connected(handler) as (client, _):
+    async with connected(handler) as (client, server):
 
         async def call(i: int) -> None:
             async with await client.open_stream(REQUEST) as stream:
@@ -91,7 +91,12 @@ async def test_200_concurrent_streams_on_one_connection() -> None:
         async with trio.open_nursery() as nursery:
             for i in range(200):
                 nursery.start_soon(call, i)
+        await trio.testing.wait_all_tasks_blocked()
         assert client.statistics().open_streams == 0
+        # h2 no longer prunes its stream table on its own below the stream
+        # limit; the driver must, or every finished stream stays in memory.
+        assert not client._h2.streams
+        assert not server._h2.streams
     assert results == {i: b"%d" % i * 50 for i in range(200)}
     assert peak > 100  # they really overlapped on the one connection
 
@@ -421,6 +426,58 @@ async def test_client_honours_goaway_last_stream_id() -> None:
         await peer.flush()
         await first.receive_headers()
         assert await first.receive_all() == b"finished after goaway"
+
+
+def _goaway(last_stream_id: int) -> bytes:
+    return b"\x00\x00\x08\x07\x00\x00\x00\x00\x00" + last_stream_id.to_bytes(4, "big") + bytes(4)
+
+
+async def test_client_finishes_a_stream_answered_in_the_same_read_as_goaway() -> None:
+    client_side, server_side = trio.testing.memory_stream_pair()
+    peer = RawPeer(server_side, client_side=False)
+    peer.h2.initiate_connection()
+    await peer.flush()
+    async with open_h2_client(client_side) as client:
+        stream = await client.open_stream(REQUEST, end_stream=True)
+        await peer.wait_for(h2.events.RequestReceived)
+        # A draining server's GOAWAY and its last response often share a read.
+        peer.h2.send_headers(1, OK)
+        peer.h2.send_data(1, b"answered", end_stream=True)
+        await peer.send_raw(_goaway(1) + peer.h2.data_to_send())
+        await stream.receive_headers()
+        assert await stream.receive_all() == b"answered"
+
+
+async def test_body_queued_when_goaway_arrives_still_reaches_the_peer(
+    autojump_clock: object,
+) -> None:
+    async def attempt() -> bytes:
+        client_side, server_side = trio.testing.memory_stream_pair()
+        peer = RawPeer(server_side, client_side=False)
+        peer.h2.initiate_connection()
+        await peer.flush()
+        async with open_h2_client(client_side) as client:
+            stream = await client.open_stream(REQUEST)
+            await peer.wait_for(h2.events.RequestReceived)
+            await trio.testing.wait_all_tasks_blocked()
+            # The GOAWAY becomes readable and the body is queued in one
+            # scheduler step, so the client's reader may run before its writer
+            # (trio picks the order at random; h2 drops unsent output on GOAWAY).
+            client_side.receive_stream.put_data(_goaway(1))
+            await stream.send_data(b"body", end_stream=True)
+            received = b""
+            ended = False
+            with trio.fail_after(1):
+                while not ended:
+                    for event in await peer.next_events():
+                        if isinstance(event, h2.events.DataReceived):
+                            received += event.data
+                        ended = ended or isinstance(event, h2.events.StreamEnded)
+                    assert not peer.closed
+            return received
+
+    for _ in range(10):
+        assert await attempt() == b"body"
 
 
 async def test_peer_vanishing_fails_waiting_streams() -> None:

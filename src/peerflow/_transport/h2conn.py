@@ -1,11 +1,14 @@
 """HTTP/2 connections on trio: one reader task and one writer path around h2.
 
 The connection core reads up to ``read_size`` bytes, feeds every resulting h2
-event to its stream, then flushes once. A flush tries a non-blocking send on
-the socket right away and hands only what would block to the writer task, so
-the common case costs no task switch. Every background task runs under one
-shielded cancel scope: a caller's cancellation never cuts a frame in half and
-never stops the reader while in-flight streams drain.
+event to its stream, then flushes once. Streams do not write: they mark the
+connection dirty, and the writer task collects h2's output in the next
+scheduler batch, so the frames of every stream that ran in one batch (64
+handlers answering at once) leave in one non-blocking send. The writer waits
+on the socket only when it is full; bulk senders flush each frame at once so
+the write buffer bound holds. Every background task runs under one shielded
+cancel scope: a caller's cancellation never cuts a frame in half and never
+stops the reader while in-flight streams drain.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import trio
 
 from ..errors import PeerTimeoutError, PeerTransportError
 from .config import H2Settings
-from .mapping import collapse_excgroups, map_exceptions, to_peer_error
+from .mapping import collapse_excgroups, to_peer_error
 
 __all__ = [
     "ClientStream",
@@ -70,6 +73,46 @@ def _data_frame_body_repr(frame: hyperframe.frame.DataFrame) -> str:
 
 
 hyperframe.frame.DataFrame._body_repr = _data_frame_body_repr  # type: ignore[method-assign,assignment]
+
+
+class _H2Connection(h2.connection.H2Connection):
+    """h2's connection state machine, with stream bookkeeping that scales.
+
+    h2 counts open streams by walking every stream it knows, once or twice
+    for each new stream, and prunes closed ones during that walk. The driver
+    instead prunes each stream as it releases it (``forget``), which keeps
+    ``streams`` close to the open set, so its size bounds the count.
+    """
+
+    def _open_streams(self, remainder: int) -> int:
+        # h2 only compares the count with the concurrency limit; the bound
+        # gives the same answer until it reaches the limit, and from there
+        # the exact walk (which also prunes) decides.
+        outbound = remainder == int(self.config.client_side)
+        limit = (self.remote_settings if outbound else self.local_settings).max_concurrent_streams
+        bound = len(self.streams)
+        if bound < limit:
+            return bound
+        return super()._open_streams(remainder)
+
+    def _receive_goaway_frame(
+        self, frame: hyperframe.frame.GoAwayFrame
+    ) -> tuple[list[hyperframe.frame.Frame], list[h2.events.Event]]:
+        frames, events = super()._receive_goaway_frame(frame)
+        if self.config.client_side and frame.error_code == ErrorCodes.NO_ERROR:
+            # RFC 9113 6.8: streams up to last_stream_id may still complete,
+            # but h2 closes its state machine on any GOAWAY. Reopening it here,
+            # not after the event, keeps the frames that follow the GOAWAY in
+            # the same read (those streams' responses) from being refused.
+            self.state_machine.state = h2.connection.ConnectionState.CLIENT_OPEN
+        return frames, events
+
+    def forget(self, stream_id: int) -> None:
+        """Drop a closed stream from the table, as h2's own walk would."""
+        stream = self.streams.get(stream_id)
+        if stream is not None and stream.closed:
+            del self.streams[stream_id]
+            self._closed_streams[stream_id] = stream.closed_by
 
 
 def _goaway_frame(last_stream_id: int, error_code: int) -> bytes:
@@ -112,6 +155,12 @@ def _request_header_problem(headers: HeaderSeq, max_size: int) -> str | None:
     if seen != 7:
         return "request lacks :method, :path or :scheme"
     return None
+
+
+def _h2_failure(exc: h2.exceptions.H2Error, context: str) -> PeerTransportError:
+    # A plain try/except at each call site instead of a context manager: the
+    # success path then builds no generator and no message.
+    return to_peer_error(exc, context) or PeerTransportError(context)
 
 
 def _code_name(code: int | None) -> str:
@@ -253,8 +302,10 @@ class _Stream:
         self._check_sendable()
         if total == 0:
             if end_stream:
-                with map_exceptions(f"cannot end stream {stream_id}"):
+                try:
                     h2c.end_stream(stream_id)
+                except h2.exceptions.H2Error as exc:
+                    raise _h2_failure(exc, f"cannot end stream {stream_id}") from exc
                 self._mark_local_ended()
             return
         offset = 0
@@ -267,8 +318,10 @@ class _Stream:
                 continue
             n = min(window, h2c.max_outbound_frame_size, total - offset)
             last = offset + n == total
-            with map_exceptions(f"cannot send data on stream {stream_id}"):
+            try:
                 h2c.send_data(stream_id, view[offset : offset + n], end_stream=end_stream and last)
+            except h2.exceptions.H2Error as exc:
+                raise _h2_failure(exc, f"cannot send data on stream {stream_id}") from exc
             offset += n
             if not last:
                 conn._flush()
@@ -291,7 +344,7 @@ class _Stream:
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         await self._queue_data(data, end_stream)
-        self._conn._flush()
+        self._conn._flush_soon()
 
     def end_stream(self) -> None:
         """Finish our side of the stream (an empty DATA frame with END_STREAM).
@@ -300,10 +353,12 @@ class _Stream:
             PeerTransportError: the stream was reset or already ended.
         """
         self._check_sendable()
-        with map_exceptions(f"cannot end stream {self.stream_id}"):
+        try:
             self._conn._h2.end_stream(self.stream_id)
+        except h2.exceptions.H2Error as exc:
+            raise _h2_failure(exc, f"cannot end stream {self.stream_id}") from exc
         self._mark_local_ended()
-        self._conn._flush()
+        self._conn._flush_soon()
 
     def reset(self, error_code: int = ErrorCodes.CANCEL) -> None:
         """Abort the stream with RST_STREAM; a no-op if it is already closed."""
@@ -374,12 +429,14 @@ class ServerStream(_Stream):
             PeerTransportError: the stream was reset or already ended.
         """
         self._check_sendable()
-        with map_exceptions(f"cannot send headers on stream {self.stream_id}"):
+        try:
             self._conn._h2.send_headers(self.stream_id, headers, end_stream=end_stream)
+        except h2.exceptions.H2Error as exc:
+            raise _h2_failure(exc, f"cannot send headers on stream {self.stream_id}") from exc
         self._response_started = True
         if end_stream:
             self._mark_local_ended()
-        self._conn._flush()
+        self._conn._flush_soon()
 
     def send_trailers(self, trailers: HeaderSeq) -> None:
         """Send trailers, which ends the response.
@@ -408,8 +465,10 @@ class ServerStream(_Stream):
         self._check_sendable()
         h2c = self._conn._h2
         end_on_headers = not data and trailers is None
-        with map_exceptions(f"cannot send headers on stream {self.stream_id}"):
+        try:
             h2c.send_headers(self.stream_id, headers, end_stream=end_on_headers)
+        except h2.exceptions.H2Error as exc:
+            raise _h2_failure(exc, f"cannot send headers on stream {self.stream_id}") from exc
         self._response_started = True
         if end_on_headers:
             self._mark_local_ended()
@@ -418,10 +477,13 @@ class ServerStream(_Stream):
                 await self._queue_data(data, trailers is None)
             if trailers is not None:
                 self._check_sendable()
-                with map_exceptions(f"cannot send trailers on stream {self.stream_id}"):
+                try:
                     h2c.send_headers(self.stream_id, trailers, end_stream=True)
+                except h2.exceptions.H2Error as exc:
+                    context = f"cannot send trailers on stream {self.stream_id}"
+                    raise _h2_failure(exc, context) from exc
                 self._mark_local_ended()
-        self._conn._flush()
+        self._conn._flush_soon()
 
 
 class ClientStream(_Stream):
@@ -486,7 +548,7 @@ class _Connection:
         self._settings = settings = settings or H2Settings()
         self._client_side = client_side
         self._initial_data = initial_data
-        h2c = h2.connection.H2Connection(config=_h2_config(client_side))
+        h2c = _H2Connection(config=_h2_config(client_side))
         codes = h2.settings.SettingCodes
         initial: dict[h2.settings.SettingCodes, int] = {
             codes.INITIAL_WINDOW_SIZE: settings.initial_stream_window,
@@ -505,6 +567,7 @@ class _Connection:
         self._streams: dict[int, Any] = {}
         self._outbuf = bytearray()
         self._sending = False
+        self._flush_pending = False
         self._raw: socket.socket | None = None
         self._writer_lot = trio.lowlevel.ParkingLot()
         self._drain_lot = trio.lowlevel.ParkingLot()
@@ -660,6 +723,15 @@ class _Connection:
         if data:
             self._write(data)
 
+    def _flush_soon(self) -> None:
+        # Streams only mark the connection dirty; the writer task collects
+        # h2's output in the next scheduler batch, so the frames of every
+        # stream that ran in this batch leave in one send instead of one
+        # send per stream.
+        if not self._flush_pending:
+            self._flush_pending = True
+            self._writer_lot.unpark_all()
+
     def _write(self, data: bytes) -> None:
         if self._error is not None:
             return
@@ -682,6 +754,9 @@ class _Connection:
     async def _writer(self) -> None:
         outbuf_limit = self._settings.write_buffer_size
         while True:
+            if self._flush_pending:
+                self._flush_pending = False
+                self._flush()
             if not self._outbuf:
                 self._drain_lot.unpark_all()
                 await self._writer_lot.park()
@@ -712,14 +787,14 @@ class _Connection:
         self._raise_if_closed()
 
     async def _wait_drained(self) -> None:
-        while (self._outbuf or self._sending) and self._error is None:
+        while (self._outbuf or self._sending or self._flush_pending) and self._error is None:
             await self._drain_lot.park()
 
     def _acknowledge(self, stream_id: int, flow_length: int) -> None:
         if flow_length and self._error is None:
             # h2 batches these into a WINDOW_UPDATE once half a window is used.
             self._h2.acknowledge_received_data(flow_length, stream_id)
-            self._flush()
+            self._flush_soon()
 
     def _send_reset(self, stream_id: int, error_code: int) -> None:
         if self._error is not None:
@@ -728,7 +803,7 @@ class _Connection:
             self._h2.reset_stream(stream_id, error_code)
         except h2.exceptions.StreamClosedError:
             return
-        self._flush()
+        self._flush_soon()
 
     # ------------------------------------------------------------------ input
 
@@ -774,6 +849,10 @@ class _Connection:
 
     def _process(self, data: bytes | bytearray) -> bool:
         self._last_activity = trio.current_time()
+        if self._flush_pending:
+            # h2 discards unsent output when a GOAWAY arrives; what streams
+            # already queued must leave first.
+            self._flush()
         try:
             events = self._h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
@@ -868,6 +947,7 @@ class _Connection:
     def _release(self, stream: _Stream) -> None:
         if self._streams.pop(stream.stream_id, None) is None:
             return
+        self._h2.forget(stream.stream_id)
         self._slot_lot.unpark_all()
         if not self._streams:
             self._idle_since = trio.current_time()
@@ -1039,11 +1119,13 @@ class H2ClientConnection(_Connection):
         # out in increasing order.
         stream_id = h2c.get_next_available_stream_id()
         stream = ClientStream(self, stream_id)
-        with map_exceptions("cannot open a stream"):
+        try:
             h2c.send_headers(stream_id, headers, end_stream=end_stream)
+        except h2.exceptions.H2Error as exc:
+            raise _h2_failure(exc, "cannot open a stream") from exc
         self._streams[stream_id] = stream
         stream._local_ended = end_stream
-        self._flush()
+        self._flush_soon()
         return stream
 
     async def _close_client(self) -> None:
@@ -1090,10 +1172,6 @@ class H2ClientConnection(_Connection):
                 self._streams.pop(stream_id)
         if not self._streams:
             self._terminate(failure)
-            return
-        # RFC 9113 6.8: streams up to last_stream_id may still complete, but
-        # h2 closes its state machine on any GOAWAY. Reopen it so they can.
-        self._h2.state_machine.state = h2.connection.ConnectionState.CLIENT_OPEN
 
 
 async def serve_h2_connection(
