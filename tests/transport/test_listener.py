@@ -7,13 +7,15 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import h2.events
+import h2.settings
 import pytest
 import trio
 import trio.testing
-from h2_helpers import OK, REQUEST, TRAILERS, echo_handler
+from h2_helpers import OK, REQUEST, TRAILERS, RawPeer, echo_handler
 
 from peerflow._transport.config import H2Settings
-from peerflow._transport.h2conn import ServerStream, open_h2_client
+from peerflow._transport.h2conn import H2ServerConnection, ServerStream, open_h2_client
 from peerflow._transport.listener import PrefixedStream, connect_tcp, serve_tcp
 from peerflow._transport.mapping import collapse_excgroups, map_exceptions
 from peerflow.errors import PeerTimeoutError, PeerTransportError
@@ -74,6 +76,61 @@ async def test_tcp_200_concurrent_streams_and_a_big_body() -> None:
                     nursery.start_soon(lambda: s.send_data(memoryview(big), end_stream=True))
                     await s.receive_headers()
                     assert await s.receive_all() == big
+
+
+async def test_a_fast_sender_waits_within_the_write_buffer_for_a_full_socket() -> None:
+    limit = 256 * 1024
+    piece = bytes(range(256)) * 1024  # 256 KiB
+    pieces = 128
+    connections: list[H2ServerConnection] = []
+
+    async def producer(stream: ServerStream) -> None:
+        connections.append(stream.connection)
+        stream.send_headers(OK)
+        for _ in range(pieces):
+            await stream.send_data(piece)
+        stream.send_trailers(TRAILERS)
+
+    settings = H2Settings(write_buffer_size=limit)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            [(_, port)] = await nursery.start(
+                lambda task_status: serve_tcp(
+                    producer, 0, host="127.0.0.1", settings=settings, task_status=task_status
+                )
+            )
+            # A raw client with windows larger than the whole body that stops
+            # reading: only the server's write buffer can hold the sender back.
+            peer = RawPeer(await connect_tcp("127.0.0.1", port), client_side=True)
+            # Each piece fits one frame, so no piece is split by frame size.
+            codes = h2.settings.SettingCodes
+            peer.h2.local_settings = h2.settings.Settings(
+                client=True,
+                initial_values={
+                    codes.INITIAL_WINDOW_SIZE: 2**31 - 1,
+                    codes.MAX_FRAME_SIZE: 1024 * 1024,
+                },
+            )
+            peer.h2.max_inbound_frame_size = 1024 * 1024
+            peer.h2.initiate_connection()
+            peer.h2.increment_flow_control_window(2**31 - 1 - 65535)
+            peer.h2.send_headers(1, REQUEST, end_stream=True)
+            await peer.flush()
+            await trio.testing.wait_all_tasks_blocked()
+            queued = connections[0].statistics().outbound_buffered_bytes
+            assert 0 < queued <= limit + len(piece)
+            received = bytearray()
+            while not peer.closed:
+                events = await peer.next_events()
+                for event in events:
+                    if isinstance(event, h2.events.DataReceived):
+                        received += event.data
+                        peer.h2.acknowledge_received_data(event.flow_controlled_length, 1)
+                if any(isinstance(e, h2.events.StreamEnded) for e in events):
+                    break
+            await peer.stream.aclose()
+            assert received == piece * pieces
+            nursery.cancel_scope.cancel()
 
 
 async def test_garbage_preface_is_closed_and_server_keeps_serving() -> None:

@@ -56,6 +56,12 @@ StreamHandler = Callable[["ServerStream"], Awaitable[object]]
 logger = logging.getLogger("peerflow.transport")
 
 _DEFAULT_WINDOW = 65535
+# DATA payloads at least this big skip h2's serialization copies.
+_SEPARATE_PAYLOAD = 16384
+_DATA_HEADER = struct.Struct(">HBBBL")
+_END_STREAM_FLAG = 0x1
+# sendmsg takes at most IOV_MAX (1024 on Linux) buffers per call.
+_MAX_SEND_CHUNKS = 64
 _EMPTY = b""
 
 
@@ -84,6 +90,12 @@ class _H2Connection(h2.connection.H2Connection):
     ``streams`` close to the open set, so its size bounds the count.
     """
 
+    _output: list[bytes]
+
+    def __init__(self, config: h2.config.H2Configuration) -> None:
+        self._output = []
+        super().__init__(config=config)
+
     def _open_streams(self, remainder: int) -> int:
         # h2 only compares the count with the concurrency limit; the bound
         # gives the same answer until it reaches the limit, and from there
@@ -107,12 +119,64 @@ class _H2Connection(h2.connection.H2Connection):
             self.state_machine.state = h2.connection.ConnectionState.CLIENT_OPEN
         return frames, events
 
+    def _prepare_for_sending(self, frames: list[hyperframe.frame.Frame]) -> None:
+        # h2 serializes every frame and copies the result twice more (into its
+        # buffer, then out of it). A large DATA payload instead travels as its
+        # own chunk behind a hand-packed 9-byte header, all the way to sendmsg.
+        small: list[bytes] = []
+        for frame in frames:
+            data = getattr(frame, "data", None)
+            if (
+                type(frame) is hyperframe.frame.DataFrame
+                and data is not None
+                and len(data) >= _SEPARATE_PAYLOAD
+                and not frame.pad_length
+            ):
+                small.append(
+                    _DATA_HEADER.pack(
+                        len(data) >> 8,
+                        len(data) & 0xFF,
+                        0,
+                        _END_STREAM_FLAG if "END_STREAM" in frame.flags else 0,
+                        frame.stream_id,
+                    )
+                )
+                self._output.append(b"".join(small))
+                self._output.append(data)
+                small = []
+            else:
+                small.append(frame.serialize())
+        if small:
+            self._output.append(b"".join(small))
+
+    def take_output(self) -> list[bytes]:
+        """Return and clear everything queued for the peer, in order."""
+        if self._data_to_send:
+            # Written directly by h2 (the connection preamble).
+            self._output.insert(0, bytes(self._data_to_send))
+            self._data_to_send = bytearray()
+        output, self._output = self._output, []
+        return output
+
+    def clear_outbound_data_buffer(self) -> None:
+        super().clear_outbound_data_buffer()
+        self._output = []
+
     def forget(self, stream_id: int) -> None:
         """Drop a closed stream from the table, as h2's own walk would."""
         stream = self.streams.get(stream_id)
         if stream is not None and stream.closed:
             del self.streams[stream_id]
             self._closed_streams[stream_id] = stream.closed_by
+
+
+def _send_chunks(raw: socket.socket, chunks: Sequence[bytes | memoryview]) -> int:
+    if len(chunks) == 1 or not _HAVE_SENDMSG:
+        return raw.send(chunks[0])
+    return raw.sendmsg(chunks)
+
+
+_HAVE_SENDMSG = hasattr(socket.socket, "sendmsg")
 
 
 def _goaway_frame(last_stream_id: int, error_code: int) -> bytes:
@@ -290,8 +354,9 @@ class _Stream:
         self._conn._stream_progress(self)
 
     async def _queue_data(self, data: bytes | bytearray | memoryview, end_stream: bool) -> None:
-        # Frames go into h2's buffer; we only flush and wait when the window or
-        # the write buffer is exhausted, so a small body costs no await.
+        # Small frames wait in h2's buffer for the batch's one flush; a small
+        # body costs no await. Large frames are flushed as they are made, and
+        # the sender waits while the window or the write buffer is exhausted.
         conn = self._conn
         h2c = conn._h2
         stream_id = self.stream_id
@@ -323,12 +388,14 @@ class _Stream:
             except h2.exceptions.H2Error as exc:
                 raise _h2_failure(exc, f"cannot send data on stream {stream_id}") from exc
             offset += n
-            if not last:
+            if last and end_stream:
+                self._mark_local_ended()
+            if not last or n >= _SEPARATE_PAYLOAD:
+                # Bulk data leaves at once (coalescing gains nothing on it)
+                # and is what the write buffer bound is for.
                 conn._flush()
-                if len(conn._outbuf) > conn._settings.write_buffer_size:
+                if conn._outq_bytes > conn._settings.write_buffer_size:
                     await conn._wait_write_room()
-        if end_stream:
-            self._mark_local_ended()
 
     async def send_data(
         self, data: bytes | bytearray | memoryview, *, end_stream: bool = False
@@ -565,7 +632,8 @@ class _Connection:
         h2c.decoder.max_header_list_size = settings.max_header_list_size
         self._h2 = h2c
         self._streams: dict[int, Any] = {}
-        self._outbuf = bytearray()
+        self._outq: deque[bytes | memoryview] = deque()
+        self._outq_bytes = 0
         self._sending = False
         self._flush_pending = False
         self._raw: socket.socket | None = None
@@ -616,7 +684,7 @@ class _Connection:
         return H2ConnectionStatistics(
             open_streams=len(self._streams),
             inbound_buffered_bytes=sum(s._buffered for s in self._streams.values()),
-            outbound_buffered_bytes=len(self._outbuf),
+            outbound_buffered_bytes=self._outq_bytes,
             closed=self._error is not None,
         )
 
@@ -688,7 +756,7 @@ class _Connection:
             self._going_away = True
             last = self._h2.highest_inbound_stream_id
             self._flush()
-            self._write(_goaway_frame(last, ErrorCodes.NO_ERROR))
+            self._write([_goaway_frame(last, ErrorCodes.NO_ERROR)])
         with trio.move_on_after(grace_period):
             while self._streams and self._error is None:
                 await self._idle_lot.park()
@@ -719,9 +787,36 @@ class _Connection:
     # ----------------------------------------------------------------- output
 
     def _flush(self) -> None:
-        data = self._h2.data_to_send()
-        if data:
-            self._write(data)
+        chunks = self._h2.take_output()
+        if chunks:
+            self._write(chunks)
+
+    def _write(self, chunks: list[bytes]) -> None:
+        if self._error is not None:
+            return
+        raw = self._raw
+        if raw is not None and not self._outq:
+            try:
+                sent = _send_chunks(raw, chunks)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                self._terminate(to_peer_error(exc, "cannot send") or PeerTransportError(str(exc)))
+                return
+            for chunk in chunks:
+                if sent >= len(chunk):
+                    sent -= len(chunk)
+                    continue
+                rest = memoryview(chunk)[sent:] if sent else chunk
+                sent = 0
+                self._outq.append(rest)
+                self._outq_bytes += len(rest)
+        else:
+            for chunk in chunks:
+                self._outq.append(chunk)
+                self._outq_bytes += len(chunk)
+        if self._outq:
+            self._writer_lot.unpark_all()
 
     def _flush_soon(self) -> None:
         # Streams only mark the connection dirty; the writer task collects
@@ -732,32 +827,14 @@ class _Connection:
             self._flush_pending = True
             self._writer_lot.unpark_all()
 
-    def _write(self, data: bytes) -> None:
-        if self._error is not None:
-            return
-        raw = self._raw
-        if raw is None or self._outbuf:
-            self._outbuf += data
-            self._writer_lot.unpark_all()
-            return
-        try:
-            sent = raw.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError as exc:
-            self._terminate(to_peer_error(exc, "cannot send") or PeerTransportError(str(exc)))
-            return
-        if sent < len(data):
-            self._outbuf += memoryview(data)[sent:]
-            self._writer_lot.unpark_all()
-
     async def _writer(self) -> None:
         outbuf_limit = self._settings.write_buffer_size
+        outq = self._outq
         while True:
             if self._flush_pending:
                 self._flush_pending = False
                 self._flush()
-            if not self._outbuf:
+            if not outq:
                 self._drain_lot.unpark_all()
                 await self._writer_lot.park()
                 continue
@@ -766,28 +843,39 @@ class _Connection:
                 if raw is not None:
                     await trio.lowlevel.wait_writable(raw)
                     try:
-                        sent = raw.send(self._outbuf)
+                        sent = _send_chunks(
+                            raw, [outq[i] for i in range(min(len(outq), _MAX_SEND_CHUNKS))]
+                        )
                     except BlockingIOError:
                         continue
-                    del self._outbuf[:sent]
+                    self._outq_bytes -= sent
+                    while sent:
+                        head = outq[0]
+                        if sent < len(head):
+                            outq[0] = memoryview(head)[sent:]
+                            break
+                        sent -= len(head)
+                        outq.popleft()
                 else:
-                    data, self._outbuf = self._outbuf, bytearray()
+                    data = b"".join(outq)
+                    outq.clear()
+                    self._outq_bytes = 0
                     self._sending = True
                     await self._transport.send_all(data)
                     self._sending = False
             except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 self._terminate(to_peer_error(exc, "cannot send") or PeerTransportError(str(exc)))
                 return
-            if len(self._outbuf) <= outbuf_limit:
+            if self._outq_bytes <= outbuf_limit:
                 self._drain_lot.unpark_all()
 
     async def _wait_write_room(self) -> None:
-        while len(self._outbuf) > self._settings.write_buffer_size and self._error is None:
+        while self._outq_bytes > self._settings.write_buffer_size and self._error is None:
             await self._drain_lot.park()
         self._raise_if_closed()
 
     async def _wait_drained(self) -> None:
-        while (self._outbuf or self._sending or self._flush_pending) and self._error is None:
+        while (self._outq or self._sending or self._flush_pending) and self._error is None:
             await self._drain_lot.park()
 
     def _acknowledge(self, stream_id: int, flow_length: int) -> None:
