@@ -139,13 +139,6 @@ async def test_a_tls_client_on_a_plaintext_port_fails_within_the_handshake_timeo
             assert (await client.invoke_sub_workflow("w", ["echo"], 3)).result == 3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="listener.handle_connection/reject_http1: bytes that cannot start an HTTP request "
-    "(a TLS ClientHello, 0x16 0x03 ...) are held until handshake_timeout while reject_http1 "
-    "waits for a blank line, so a TLS client on a plaintext port hangs that long instead of "
-    "being answered/closed at once",
-)
 async def test_a_tls_client_on_a_plaintext_port_is_refused_at_once(
     pki: Pki, steps: StepRegistry, nursery: trio.Nursery
 ) -> None:
@@ -154,13 +147,6 @@ async def test_a_tls_client_on_a_plaintext_port_is_refused_at_once(
     await _refused(f"https://127.0.0.1:{address.port}", _client_tls(pki, pki.client), within=3)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="mapping.to_peer_error formats str(exc) or the type name; trio.BrokenResourceError "
-    "has an empty str and carries the ssl error in __cause__, so TLS failures read "
-    "'...failed: BrokenResourceError' (the cause is also lost when h2conn re-raises "
-    "type(error)(str(error))) instead of naming the certificate problem",
-)
 async def test_a_host_name_mismatch_says_what_failed(
     pki: Pki, steps: StepRegistry, nursery: trio.Nursery
 ) -> None:
@@ -172,13 +158,6 @@ async def test_a_host_name_mismatch_says_what_failed(
     assert "mismatch" in str(error)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a client certificate the server refuses shows up on the client as 'connection "
-    "lost: BrokenResourceError' (the server closes without flushing its TLS alert, and "
-    "mapping.to_peer_error drops the SSLEOFError cause); it should say the TLS session "
-    "was cut right after the handshake (the peer may have refused our certificate)",
-)
 async def test_a_refused_client_certificate_says_it_is_about_tls(
     pki: Pki, steps: StepRegistry, nursery: trio.Nursery
 ) -> None:

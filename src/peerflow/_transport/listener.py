@@ -77,7 +77,14 @@ async def reject_http1(stream: trio.abc.Stream) -> None:
     """
     head = b""
     try:
-        while b"\r\n\r\n" not in head and len(head) < _MAX_HTTP1_HEAD:
+        # Stop reading as soon as the bytes cannot be HTTP (a request line
+        # starts with an upper-case method): a TLS ClientHello on a plaintext
+        # port is answered at once instead of waiting out the handshake timeout.
+        while (
+            b"\r\n\r\n" not in head
+            and len(head) < _MAX_HTTP1_HEAD
+            and (not head or head[:1].isupper())
+        ):
             data = await stream.receive_some(4096)
             if not data:
                 break

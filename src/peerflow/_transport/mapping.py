@@ -39,11 +39,21 @@ def to_peer_error(exc: BaseException, context: str) -> PeerTransportError | None
     """
     for source, target in _TABLE:
         if isinstance(exc, source):
-            detail = str(exc) or type(exc).__name__
-            error = target(f"{context}: {detail}")
+            error = target(f"{context}: {_describe(exc)}")
             error.__cause__ = exc
             return error
     return None
+
+
+def _describe(exc: BaseException) -> str:
+    # trio wraps the real failure (an ssl or OS error) in a BrokenResourceError
+    # with no message of its own: the cause says what went wrong.
+    seen: BaseException | None = exc
+    while seen is not None:
+        if str(seen):
+            return str(seen)
+        seen = seen.__cause__
+    return type(exc).__name__
 
 
 @contextmanager
