@@ -11,6 +11,7 @@ for a too-new ``v``).
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -37,7 +38,7 @@ from .envelopes import (
     StreamEvent,
     SubWorkflowResponse,
 )
-from .values import locate_problem, render_path, scan_decoded, scan_encodable
+from .values import locate_problem, render_path, scan_decoded, scan_encodable, within_depth
 from .version import ENVELOPE_VERSION, check_envelope_version
 
 __all__ = [
@@ -183,6 +184,10 @@ def _optional_overrides(cls: type) -> dict[str, Any]:
     }
 
 
+# Structure hooks without cattrs' per-field error bookkeeping, called without
+# its dispatch. Only a failure pays for the detailed hooks, which name the path.
+_FAST_STRUCTURE: dict[type, Callable[[Any, Any], Any]] = {}
+
 for _cls in (
     RemoteRefDescriptor,
     InvokeSubWorkflowRequest,
@@ -204,6 +209,9 @@ for _cls in (
             _cls, make_dict_unstructure_fn(_cls, _converter, **_overrides)
         )
     _converter.register_structure_hook(_cls, make_dict_structure_fn(_cls, _converter))
+    _FAST_STRUCTURE[_cls] = make_dict_structure_fn(
+        _cls, _converter, _cattrs_detailed_validation=False
+    )
 
 _unstructure_descriptor = _converter.get_unstructure_hook(RemoteRefDescriptor)
 _structure_descriptor = _converter.get_structure_hook(RemoteRefDescriptor)
@@ -324,6 +332,9 @@ _converter.register_unstructure_hook(SubWorkflowResponse, _unstructure_response)
 _converter.register_structure_hook(SubWorkflowResponse, _structure_response)
 _converter.register_unstructure_hook(StreamEvent, _unstructure_event)
 _converter.register_structure_hook(StreamEvent, _structure_event)
+_FAST_STRUCTURE[InlineRef] = _structure_inline_ref
+_FAST_STRUCTURE[SubWorkflowResponse] = _structure_response
+_FAST_STRUCTURE[StreamEvent] = _structure_event
 
 
 # --------------------------------------------------------------------------
@@ -341,7 +352,10 @@ def _pack(body: dict[str, Any]) -> bytes:
     if not scan_encodable(body):
         raise locate_problem(body) or PeerEncodeError("message is not a wire value")
     try:
-        return msgpack.packb(body, strict_types=True, default=_pack_default)  # type: ignore[no-any-return]
+        # A fresh Packer per call keeps this thread-safe; building it directly
+        # skips packb's keyword forwarding, a measurable share of a small message.
+        packer = msgpack.Packer(strict_types=True, default=_pack_default)
+        return packer.pack(body)  # type: ignore[no-any-return]
     except (TypeError, ValueError, OverflowError) as exc:
         raise locate_problem(body) or PeerEncodeError(f"cannot pack: {exc}") from None
 
@@ -380,7 +394,7 @@ def _ext_hook(code: int, _data: bytes) -> Any:
 
 
 def _unpack(data: bytes | bytearray | memoryview) -> dict[str, Any]:
-    size = len(data) if not isinstance(data, memoryview) else data.nbytes
+    size = data.nbytes if isinstance(data, memoryview) else len(data)
     try:
         # Every length limit is the input's own size, so a lying length
         # prefix cannot make the unpacker allocate beyond the frame.
@@ -404,12 +418,34 @@ def _unpack(data: bytes | bytearray | memoryview) -> dict[str, Any]:
     if type(body) is not dict:
         raise PeerEncodeError(f"message must be a msgpack map, got {type(body).__name__}")
     check_envelope_version(body.get("v"))
-    if not scan_decoded(body):
+    if not _is_wire_value(body, data, size):
         raise locate_problem(body, decoded=True) or PeerEncodeError("message is not a wire value")
     return body
 
 
+# A msgpack timestamp (ext type -1) cannot be written without a 0xff byte, nor
+# a bytes map key without a bin header (0xc4-0xc6). A message free of those
+# four bytes can only be nested too deep, a cheaper walk. The byte search is a
+# C loop; above the limit, payload bytes make a hit near certain and copying a
+# large memoryview to search it would cost more than it saves.
+_INNOCENT_BYTES = bytes(b for b in range(256) if b not in (0xC4, 0xC5, 0xC6, 0xFF))
+_BYTE_SEARCH_LIMIT = 4096
+
+
+def _is_wire_value(body: dict[str, Any], data: bytes | bytearray | memoryview, size: int) -> bool:
+    if size <= _BYTE_SEARCH_LIMIT:
+        raw = data.tobytes() if isinstance(data, memoryview) else data
+        if not raw.translate(None, _INNOCENT_BYTES):
+            return within_depth(body)
+    return scan_decoded(body)
+
+
 def _structure(body: dict[str, Any], cls: type[M]) -> M:
+    fast = _FAST_STRUCTURE.get(cls)
+    if fast is not None:
+        # Any failure here is explained by the detailed pass below.
+        with contextlib.suppress(Exception):
+            return fast(body, cls)  # type: ignore[no-any-return]
     try:
         return _converter.structure(body, cls)
     except Exception as exc:  # every structuring failure becomes a path

@@ -16,6 +16,8 @@ value again, slowly, to name the path and the reason.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from gc import get_referents
+from itertools import chain
 from typing import Any, TypeAlias
 
 from ..errors import PeerEncodeError
@@ -27,6 +29,7 @@ __all__ = [
     "render_path",
     "scan_decoded",
     "scan_encodable",
+    "within_depth",
 ]
 
 #: What the wire carries in ``input``, ``result``, ``state`` values and event
@@ -42,26 +45,46 @@ MAX_DEPTH = 64
 _INT_MIN = -(2**63)
 _INT_MAX = 2**64 - 1
 
-_CONTAINERS = frozenset({dict, list, tuple})
 _DECODED_LEAVES = frozenset({type(None), bool, int, float, str, bytes})
 _ENCODABLE_LEAVES = _DECODED_LEAVES | {bytearray, memoryview}
+_DECODED_TYPES = _DECODED_LEAVES | {dict, list}
+_ENCODABLE_TYPES = _ENCODABLE_LEAVES | {dict, list, tuple}
+_STR = frozenset({str})
 
 
-def _scan(value: Any, depth: int, leaves: frozenset[type]) -> bool:
-    # The hot path of every encode and decode: keep it to one type lookup per
-    # child. The join is a C-level pass that raises on any non-str key.
-    if type(value) is dict:
-        try:
-            "".join(value)
-        except TypeError:
+_is_dict = dict.__instancecheck__
+
+
+def _scan(message: dict[str, Any], leaves: frozenset[type], allowed: frozenset[type]) -> bool:
+    # The hot path of every encode and decode. Python bytecode per item costs
+    # more than the packing itself, so the walk goes one nesting level at a
+    # time and leaves the per-item work to C: gc.get_referents lists the values
+    # of every dict and the items of every list in a level (scalars have
+    # none), and one set of their types says whether the level is clean.
+    # Containers can form cycles, so tp_traverse must report every one of them;
+    # only exact dicts, lists and tuples are ever expanded. A dict with a
+    # non-str key may report its keys too, which is harmless: the key check
+    # refuses it anyway.
+    level: list[Any] = [message]
+    dicts = [message]
+    depth = 0
+    while True:
+        level = get_referents(*level)
+        depth += 1
+        kinds = set(map(type, level))
+        if kinds <= leaves:
+            break
+        if depth > MAX_DEPTH or not kinds <= allowed:
             return False
-        value = value.values()
-    for child in value:
-        kind = type(child)
-        if kind in leaves:
-            continue
-        if depth >= MAX_DEPTH or kind not in _CONTAINERS or not _scan(child, depth + 1, leaves):
-            return False
+        if dict in kinds:
+            dicts += filter(_is_dict, level)
+        if memoryview in kinds:
+            # A view refers to the owner of its buffer, which is not ours to walk.
+            level = [item for item in level if type(item) is not memoryview]
+    try:
+        "".join(chain.from_iterable(dicts))
+    except TypeError:
+        return False
     return True
 
 
@@ -69,9 +92,10 @@ def scan_encodable(message: dict[str, Any]) -> bool:
     """Return True if ``message`` holds only encodable shapes and types.
 
     Ints out of range and unencodable strings are not checked here; msgpack
-    rejects them while packing.
+    rejects them while packing. False means :func:`locate_problem` will name
+    the problem.
     """
-    return _scan(message, 0, _ENCODABLE_LEAVES)
+    return _scan(message, _ENCODABLE_LEAVES, _ENCODABLE_TYPES)
 
 
 def scan_decoded(message: dict[str, Any]) -> bool:
@@ -80,7 +104,22 @@ def scan_decoded(message: dict[str, Any]) -> bool:
     msgpack has already guaranteed int ranges and UTF-8; this catches bytes map
     keys, extension values (timestamps) and excessive nesting.
     """
-    return _scan(message, 0, _DECODED_LEAVES)
+    return _scan(message, _DECODED_LEAVES, _DECODED_TYPES)
+
+
+def within_depth(message: dict[str, Any]) -> bool:
+    """Return True if no container in ``message`` is nested too deep.
+
+    Only for a freshly unpacked map that is known to hold nothing but scalars,
+    str-keyed dicts and lists (no timestamps, no bytes keys): then depth is the
+    one thing left to check, and this walk skips the type checks.
+    """
+    level: list[Any] = [message]
+    for _ in range(MAX_DEPTH):
+        level = get_referents(*level)
+        if not level:
+            return True
+    return _DECODED_LEAVES.issuperset(map(type, get_referents(*level)))
 
 
 def render_path(segments: Sequence[object]) -> str:
