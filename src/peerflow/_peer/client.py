@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextvars
-import logging
+import itertools
 import math
 import ssl
 import urllib.parse
@@ -37,15 +37,15 @@ from .._wire.framing import NEED_DATA, FrameDecoder, encode_frame
 from ..errors import PeerError, PeerTimeoutError, PeerTransportError
 from .auth import bearer_header, resolve_peer_token
 from .limits import Limits
+from .logs import PeerLogger
 
 __all__ = ["PeerClient", "StreamCall", "open_client_over", "parse_endpoint"]
-
-log = logging.getLogger("peerflow.peer.client")
 
 M = TypeVar("M")
 
 _FROM_ENV: Final = object()
 _PARENT = RefLifetime.UNTIL_PARENT_FINISH
+_CALL_ID: Final = grpc.CALL_ID_HEADER.encode()
 
 
 @attrs.frozen
@@ -118,6 +118,8 @@ class PeerClient:
     ) -> None:
         self.node_id = node_id
         self.endpoint = endpoint
+        self._log = PeerLogger("client", node_id)
+        self._call_ids = itertools.count(1)
         self._conn = conn
         self._limits = limits
         self._lease_ttl = lease_ttl
@@ -220,7 +222,7 @@ class PeerClient:
                     for ref_uuid in scope.refs:
                         await self.release_session_ref(ref_uuid)
             except PeerError as exc:
-                log.warning("could not release the refs of a closing scope: %s", exc)
+                self._log.warning("could not release the refs of a closing scope: %s", exc)
 
     async def _renew_leases(self) -> None:
         while True:
@@ -231,7 +233,7 @@ class PeerClient:
                 try:
                     await self._lease(LeaseRequest(scope.lease_id, int(self._lease_ttl * 1000)))
                 except PeerError as exc:
-                    log.warning("lease renewal failed: %s", exc)
+                    self._log.warning("lease renewal failed: %s", exc)
 
     # -- calls -----------------------------------------------------------------
 
@@ -387,7 +389,8 @@ class PeerClient:
         return result
 
     def _headers_for(self, method: grpc.MethodSpec) -> list[tuple[bytes, bytes]]:
-        headers = [(b":path", method.path.encode()), *self._base_headers]
+        call_id = f"{self.node_id}:{next(self._call_ids)}".encode("ascii", "replace")
+        headers = [(b":path", method.path.encode()), *self._base_headers, (_CALL_ID, call_id)]
         deadline = trio.current_effective_deadline()
         if deadline != math.inf:
             timeout = grpc.encode_grpc_timeout(deadline - trio.current_time())

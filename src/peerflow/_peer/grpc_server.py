@@ -10,7 +10,7 @@ can end the connection or the server.
 
 from __future__ import annotations
 
-import logging
+import itertools
 import math
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Final, final
@@ -38,16 +38,16 @@ from .._wire.framing import NEED_DATA, FrameDecoder, encode_frame, encode_frame_
 from ..errors import PeerAuthError, PeerEncodeError, PeerError, PeerflowError, PeerTimeoutError
 from .auth import check_bearer, token_principal
 from .limits import Limits
+from .logs import PeerLogger, set_call_id
 from .service import Caller, PeerService, unencodable_output
 
 __all__ = ["GrpcHandler"]
-
-log = logging.getLogger("peerflow.peer.grpc")
 
 _CONTENT_TYPE: Final = grpc.CONTENT_TYPE.encode()
 _RESPONSE_HEADERS: Final = ((b":status", b"200"), (b"content-type", _CONTENT_TYPE))
 _OK_TRAILERS: Final = ((b"grpc-status", b"0"),)
 _NODE_ID: Final = grpc.NODE_ID_HEADER.encode()
+_CALL_ID: Final = grpc.CALL_ID_HEADER.encode()
 
 
 def status_trailers(exc: BaseException) -> list[tuple[bytes, bytes]]:
@@ -91,6 +91,8 @@ class GrpcHandler:
     ) -> None:
         self._service = service
         self._limits = limits
+        self._log = PeerLogger("grpc", service.node_id)
+        self._call_ids = itertools.count(1)
         self._token = token
         self._token_principal = None if token is None else token_principal(token)
         self._principal_of = principal_of
@@ -106,6 +108,11 @@ class GrpcHandler:
 
     async def __call__(self, stream: ServerStream) -> None:
         """Serve one call; every failure becomes the call's gRPC status."""
+        # The caller's call id, when it sent one, ties both sides' logs together.
+        call_id = stream.header(_CALL_ID)
+        set_call_id(
+            call_id[:64].decode("ascii", "replace") if call_id else f"s{next(self._call_ids)}"
+        )
         method = self._methods.get(stream.path)
         if stream.method != b"POST":
             stream.send_headers([(b":status", b"405")], end_stream=True)
@@ -143,7 +150,7 @@ class GrpcHandler:
         except (PeerflowError, UnicodeDecodeError) as exc:
             self._fail(stream, exc)
         except Exception as exc:
-            log.exception("call %s failed", stream.path.decode("latin-1"))
+            self._log.exception("call %s failed", stream.path.decode("latin-1"))
             self._fail(stream, exc)
 
     def _authenticate(self, stream: ServerStream) -> str | None:
@@ -181,7 +188,7 @@ class GrpcHandler:
             else:
                 self._trailers_only(stream, trailers)
         except PeerError:
-            log.debug("could not report %r: the stream is gone", exc)
+            self._log.debug("could not report %r: the stream is gone", exc)
 
     @staticmethod
     def _trailers_only(stream: ServerStream, trailers: list[tuple[bytes, bytes]]) -> None:

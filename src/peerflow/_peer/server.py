@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
-import logging
 import ssl
 from collections.abc import AsyncIterator, Hashable
 from contextlib import asynccontextmanager
@@ -20,11 +19,10 @@ from .._transport.tls import peer_principal
 from .auth import resolve_peer_token
 from .grpc_server import GrpcHandler
 from .limits import Limits
+from .logs import PeerLogger
 from .service import PeerService
 
 __all__ = ["PeerAddress", "PeerServer"]
-
-log = logging.getLogger("peerflow.peer.server")
 
 _FROM_ENV: Final = object()
 
@@ -75,6 +73,7 @@ class PeerServer:
         if resolved is not None and not isinstance(resolved, str):
             raise TypeError("token must be a str or None")
         self.node_id = node_id
+        self._log = PeerLogger("server", node_id)
         self.limits = limits = limits or Limits()
         self.tls = tls
         self.token: str | None = resolved
@@ -132,7 +131,7 @@ class PeerServer:
             bound_host, bound_port = addresses[0]
             self._warn_if_open(bound_host)
             address = PeerAddress(bound_host, bound_port, "https" if self.tls else "http")
-            log.info("peer %s serving on %s", self.node_id, address.url)
+            self._log.info("serving on %s", address.url)
             task_status.started(address)
             await trio.sleep_forever()
 
@@ -195,10 +194,9 @@ class PeerServer:
         except ValueError:
             loopback = host == "localhost"
         if not loopback:
-            log.warning(
-                "peer %s listens on %s without a token or client certificates: anyone who "
+            self._log.warning(
+                "listening on %s without a token or client certificates: anyone who "
                 "can reach it can run its steps (set PEERFLOW_PEER_TOKEN, or require mTLS)",
-                self.node_id,
                 host,
             )
 

@@ -7,7 +7,6 @@ runs, refs, ownership and leases is decided here, once.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, final
@@ -40,10 +39,9 @@ from ..errors import (
 )
 from .leases import LeaseTable
 from .limits import Limits
+from .logs import PeerLogger
 
 __all__ = ["Caller", "PeerService", "unencodable_output"]
-
-log = logging.getLogger("peerflow.peer.service")
 
 _CONTEXT = RefLifetime.UNTIL_CONTEXT_DROP
 
@@ -91,6 +89,7 @@ class PeerService:
         limits: Limits,
     ) -> None:
         self.node_id = node_id
+        self._log = PeerLogger("service", node_id)
         self.steps = steps
         self.refs = refs
         self.limits = limits
@@ -194,6 +193,7 @@ class PeerService:
             raise PeerTimeoutError(
                 f"sub-workflow {request.workflow_name!r} ran past the caller's deadline"
             ) from outcome
+        self._log.info("sub-workflow %r failed: %s", request.workflow_name, outcome)
         return _failure(outcome)
 
     def _success(
@@ -270,7 +270,6 @@ def unencodable_output(response: SubWorkflowResponse, exc: PeerEncodeError) -> S
 def _failure(exc: WorkflowError) -> SubWorkflowResponse:
     cause = exc.__cause__ if isinstance(exc, StepError) else exc
     step_id = getattr(exc, "step_id", None)
-    log.info("sub-workflow failed: %s", exc)
     return SubWorkflowResponse(
         error=str(exc) if cause is exc else f"{type(cause).__name__}: {cause}",
         error_step_id=step_id,

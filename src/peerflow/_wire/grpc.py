@@ -48,6 +48,7 @@ from .envelopes import (
 )
 
 __all__ = [
+    "CALL_ID_HEADER",
     "CONTENT_TYPE",
     "DEREF_SESSION_REF",
     "ERROR_DETAILS_TRAILER",
@@ -78,6 +79,8 @@ SERVICE: Final = "peerflow.peer.v1.Peer"
 CONTENT_TYPE: Final = "application/grpc+msgpack"
 #: The caller's node id, sent on every call.
 NODE_ID_HEADER: Final = "x-peerflow-peer-node-id"
+#: An id for one call, chosen by the caller, that both sides put in their logs.
+CALL_ID_HEADER: Final = "x-peerflow-call-id"
 #: Trailer carrying an :class:`ErrorDetails` message on a non-OK status.
 ERROR_DETAILS_TRAILER: Final = "peerflow-error-bin"
 
