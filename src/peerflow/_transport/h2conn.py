@@ -29,6 +29,8 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import hpack
+import hpack.table
 import hyperframe.frame
 import trio
 
@@ -60,6 +62,9 @@ _DEFAULT_WINDOW = 65535
 _SEPARATE_PAYLOAD = 16384
 _DATA_HEADER = struct.Struct(">HBBBL")
 _END_STREAM_FLAG = 0x1
+# Distinct header lists (blocks) remembered per connection direction.
+_HPACK_CACHE_ENTRIES = 64
+_HPACK_CACHE_MAX_BLOCK = 1024
 # sendmsg takes at most IOV_MAX (1024 on Linux) buffers per call.
 _MAX_SEND_CHUNKS = 64
 _EMPTY = b""
@@ -81,6 +86,95 @@ def _data_frame_body_repr(frame: hyperframe.frame.DataFrame) -> str:
 hyperframe.frame.DataFrame._body_repr = _data_frame_body_repr  # type: ignore[method-assign,assignment]
 
 
+class _CountedTable(hpack.table.HeaderTable):
+    """An HPACK dynamic table that counts its changes, so results can be cached."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.generation = 0
+
+    def add(self, name: bytes, value: bytes) -> None:
+        self.generation += 1
+        super().add(name, value)
+
+    @property
+    def maxsize(self) -> int:
+        return self._maxsize
+
+    @maxsize.setter
+    def maxsize(self, newmax: int) -> None:
+        self.generation += 1
+        hpack.table.HeaderTable.maxsize.fset(self, newmax)  # type: ignore[attr-defined]
+
+
+class _CachingEncoder(hpack.Encoder):
+    """An HPACK encoder that reuses the block for a header list it has encoded.
+
+    Once every header of a list is in the static or dynamic table, encoding
+    it again yields the same bytes and changes nothing, until the table
+    changes. A gRPC peer sends the same few header lists over and over.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.header_table = _CountedTable()
+        self._blocks: dict[tuple[tuple[bytes, bytes], ...], tuple[int, bytes]] = {}
+
+    def encode(self, headers: Any, huffman: bool = True) -> bytes:
+        table = self.header_table
+        key = tuple(headers) if type(headers) is list and huffman else None
+        # Only plain 2-tuples: HeaderTuple subclasses (never-indexed) compare
+        # equal to plain tuples but encode differently.
+        if key is not None and all(type(h) is tuple and len(h) == 2 for h in key):
+            generation = table.generation  # type: ignore[attr-defined]
+            if table.resized:
+                # This block must announce the new table size: not reusable.
+                return super().encode(headers, huffman)
+            cached = self._blocks.get(key)
+            if cached is not None and cached[0] == generation:
+                return cached[1]
+            block = super().encode(headers, huffman)
+            if table.generation == generation:  # type: ignore[attr-defined]
+                if len(self._blocks) >= _HPACK_CACHE_ENTRIES:
+                    self._blocks.clear()
+                self._blocks[key] = (generation, block)
+            return block
+        return super().encode(headers, huffman)
+
+
+class _CachingDecoder(hpack.Decoder):
+    """An HPACK decoder that reuses the header list for a block it has decoded.
+
+    The counterpart of _CachingEncoder: a block that left the table unchanged
+    decodes to the same list until the table or the limits change.
+    """
+
+    def __init__(self, max_header_list_size: int) -> None:
+        super().__init__(max_header_list_size)
+        self.header_table = _CountedTable()
+        self._lists: dict[bytes, tuple[tuple[int, int, int], list[Any]]] = {}
+
+    def decode(self, data: bytes, raw: bool = False) -> list[Any]:
+        if not raw or len(data) > _HPACK_CACHE_MAX_BLOCK:
+            return list(super().decode(data, raw))
+        state = (
+            self.header_table.generation,  # type: ignore[attr-defined]
+            self.max_header_list_size,
+            self.max_allowed_table_size,
+        )
+        key = bytes(data)
+        cached = self._lists.get(key)
+        if cached is not None and cached[0] == state:
+            return list(cached[1])
+        headers = list(super().decode(data, raw))
+        if self.header_table.generation == state[0]:  # type: ignore[attr-defined]
+            if len(self._lists) >= _HPACK_CACHE_ENTRIES:
+                self._lists.clear()
+            self._lists[key] = (state, headers)
+            return list(headers)
+        return headers
+
+
 class _H2Connection(h2.connection.H2Connection):
     """h2's connection state machine, with stream bookkeeping that scales.
 
@@ -95,6 +189,9 @@ class _H2Connection(h2.connection.H2Connection):
     def __init__(self, config: h2.config.H2Configuration) -> None:
         self._output = []
         super().__init__(config=config)
+        # Fresh HPACK contexts: nothing has been encoded or decoded yet.
+        self.encoder = _CachingEncoder()
+        self.decoder = _CachingDecoder(self.decoder.max_header_list_size)
 
     def _open_streams(self, remainder: int) -> int:
         # h2 only compares the count with the concurrency limit; the bound
