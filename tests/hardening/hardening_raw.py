@@ -70,6 +70,7 @@ __all__ = [
     "read_until_eof",
     "running_server",
     "server_connections",
+    "settings_frame",
 ]
 
 INVOKE = grpc.INVOKE_SUB_WORKFLOW.path.encode()
@@ -181,8 +182,12 @@ def grpc_headers(
     content_type: bytes = b"application/grpc+msgpack",
     extra: tuple[tuple[bytes, bytes], ...] = (),
 ) -> list[tuple[bytes, bytes]]:
-    """Request headers of one gRPC call, as a PeerClient would send them."""
-    return [
+    """Request headers of one gRPC call, as a PeerClient would send them.
+
+    ``extra`` headers replace the defaults of the same name.
+    """
+    replaced = {name for name, _ in extra}
+    defaults = [
         (b":method", b"POST"),
         (b":scheme", b"http"),
         (b":path", path),
@@ -190,8 +195,8 @@ def grpc_headers(
         (b"content-type", content_type),
         (b"te", b"trailers"),
         (grpc.NODE_ID_HEADER.encode(), b"node-raw"),
-        *extra,
     ]
+    return [h for h in defaults if h[0] not in replaced] + list(extra)
 
 
 def grpc_message(envelope: Any) -> bytes:
@@ -210,6 +215,11 @@ def raw_frame(frame_type: int, flags: int, stream_id: int, payload: bytes) -> by
     return struct.pack(">BHBBI", length >> 16, length & 0xFFFF, frame_type, flags, stream_id) + (
         payload
     )
+
+
+def settings_frame(*pairs: tuple[int, int]) -> bytes:
+    """A SETTINGS frame with any (id, value) pairs, valid or not."""
+    return raw_frame(4, 0, 0, b"".join(struct.pack(">HI", k, v) for k, v in pairs))
 
 
 def prefix_only(announced: int) -> bytes:

@@ -177,9 +177,7 @@ async def test_a_malformed_grpc_timeout_is_invalid_argument() -> None:
 
 
 async def test_a_non_utf8_node_id_does_not_break_the_call() -> None:
-    headers = [
-        (k, b"\xff\xfe" if k == b"x-peerflow-peer-node-id" else v) for k, v in grpc_headers()
-    ]
+    headers = grpc_headers(extra=((b"x-peerflow-peer-node-id", b"\xff\xfe"),))
     with trio.fail_after(10):
         async with running_server() as (_, address), open_raw(address) as raw:
             stream_id = await raw.request(grpc_message(invoke_envelope()), headers=headers)
