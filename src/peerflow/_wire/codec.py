@@ -11,7 +11,6 @@ for a too-new ``v``).
 
 from __future__ import annotations
 
-import contextlib
 import struct
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -443,9 +442,10 @@ def _is_wire_value(body: dict[str, Any], data: bytes | bytearray | memoryview, s
 def _structure(body: dict[str, Any], cls: type[M]) -> M:
     fast = _FAST_STRUCTURE.get(cls)
     if fast is not None:
-        # Any failure here is explained by the detailed pass below.
-        with contextlib.suppress(Exception):
+        try:
             return fast(body, cls)  # type: ignore[no-any-return]
+        except Exception:  # the detailed pass below explains it
+            pass
     try:
         return _converter.structure(body, cls)
     except Exception as exc:  # every structuring failure becomes a path
