@@ -278,13 +278,6 @@ async def test_a_peer_that_stopped_fails_the_next_call_with_a_transport_error(
                 await client.invoke_sub_workflow("w", ["echo"], 6)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "h2conn: frames that follow a GOAWAY in the same read (grpcio sends GOAWAY+PING) "
-        "raise h2 ProtocolError before the GOAWAY handler reopens the state machine"
-    ),
-)
 async def test_a_call_in_flight_finishes_while_grpcio_shuts_down_gracefully(
     peer: ReferencePeer,
 ) -> None:
