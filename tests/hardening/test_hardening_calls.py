@@ -114,7 +114,7 @@ async def test_a_message_just_under_the_limit_is_served() -> None:
 
 
 async def test_wrong_field_types_are_invalid_argument_naming_the_field() -> None:
-    cases = {
+    cases: dict[str, dict[str, object]] = {
         "step_ids": {"step_ids": 5},
         "step_ids[1]": {"step_ids": ["echo", 7]},
         "workflow_name": {"workflow_name": 3},
