@@ -73,17 +73,10 @@ async def test_a_slowloris_handshake_is_cut_at_the_handshake_timeout(
             await assert_good_call(address)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="no timeout covers a request whose body trickles in: GrpcHandler._read_request "
-    "waits for END_STREAM with no deadline (idle_timeout needs zero streams, keepalive is "
-    "reset by every byte), so a client sending one byte per 0.2 s holds its stream and "
-    "connection forever; with max_connections=1 nobody else is ever served. Wanted: a "
-    "request-read deadline (e.g. Limits.request_timeout) that ends such a stream",
-)
 async def test_a_trickled_request_body_does_not_hold_the_server_forever() -> None:
     limits = Limits(
         max_connections=1,
+        request_timeout=0.5,
         handshake_timeout=0.5,
         idle_timeout=0.5,
         keepalive_interval=0.5,

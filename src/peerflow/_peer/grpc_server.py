@@ -164,6 +164,17 @@ class GrpcHandler:
         return principal if principal is not None else self._token_principal
 
     async def _read_request(self, stream: ServerStream) -> bytes:
+        if stream.remote_ended:  # the usual unary case: it all came in one read
+            return await self._read_request_body(stream)
+        # A request body that trickles in must not hold its stream forever:
+        # keepalive and idle timeouts cannot see a connection that is "busy".
+        with trio.move_on_after(self._limits.request_timeout):
+            return await self._read_request_body(stream)
+        raise PeerTimeoutError(
+            f"the request message did not arrive within {self._limits.request_timeout:g}s"
+        )
+
+    async def _read_request_body(self, stream: ServerStream) -> bytes:
         decoder = FrameDecoder(self._limits.max_message_size)
         message: bytes | None = None
         while data := await stream.receive_data():

@@ -33,6 +33,8 @@ class Limits:
         max_connections: connections served at once; more wait to be accepted.
         max_header_list_size: the largest request header block accepted.
         handshake_timeout: time a new connection has to send its preface.
+        request_timeout: time a call has to deliver its whole request message;
+            a body that trickles in slower is cut off (DEADLINE_EXCEEDED).
         idle_timeout: a connection with no calls for this long is closed.
         keepalive_interval: PING an idle connection this often.
         keepalive_timeout: a PING unanswered this long means the peer is dead.
@@ -57,6 +59,7 @@ class Limits:
     max_connections: int = attrs.field(default=1024, validator=_positive)
     max_header_list_size: int = attrs.field(default=64 * 1024, validator=_positive)
     handshake_timeout: float = attrs.field(default=10.0, validator=_positive)
+    request_timeout: float = attrs.field(default=30.0, validator=_positive)
     idle_timeout: float | None = attrs.field(default=600.0, validator=_positive)
     keepalive_interval: float | None = attrs.field(default=30.0, validator=_positive)
     keepalive_timeout: float = attrs.field(default=20.0, validator=_positive)
