@@ -606,10 +606,19 @@ _HEADER_POOL = [
 ]
 
 
+_FIELDS = st.one_of(
+    st.sampled_from(_HEADER_POOL),
+    # A value that differs per call, as a call id does.
+    st.integers(0, 30).map(lambda n: (b"x-call-id", b"%d" % n)),
+    st.just(hpack.NeverIndexedHeaderTuple(b"authorization", b"secret")),
+    st.just((b"authorization", b"secret")),
+)
+
+
 @given(
     st.lists(
         st.one_of(
-            st.lists(st.sampled_from(_HEADER_POOL), min_size=1, max_size=4),
+            st.lists(_FIELDS, min_size=1, max_size=5),
             st.sampled_from([256, 512, 4096]),
         ),
         max_size=40,

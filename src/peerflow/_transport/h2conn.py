@@ -108,38 +108,59 @@ class _CountedTable(hpack.table.HeaderTable):
 
 
 class _CachingEncoder(hpack.Encoder):
-    """An HPACK encoder that reuses the block for a header list it has encoded.
+    """An HPACK encoder that reuses what it encoded while its table is unchanged.
 
-    Once every header of a list is in the static or dynamic table, encoding
-    it again yields the same bytes and changes nothing, until the table
-    changes. A gRPC peer sends the same few header lists over and over.
+    A field found in the static or dynamic table encodes to the same bytes
+    and changes nothing until the table changes, and so does a list of such
+    fields. A gRPC peer sends the same few header lists over and over, often
+    with one field that differs per call: whole lists are reused when they
+    repeat, and otherwise each field that did not touch the table is.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.header_table = _CountedTable()
         self._blocks: dict[tuple[tuple[bytes, bytes], ...], tuple[int, bytes]] = {}
+        self._fields: dict[tuple[bytes, bytes], bytes] = {}
+        self._fields_generation = 0
 
     def encode(self, headers: Any, huffman: bool = True) -> bytes:
         table = self.header_table
-        key = tuple(headers) if type(headers) is list and huffman else None
-        # Only plain 2-tuples: HeaderTuple subclasses (never-indexed) compare
-        # equal to plain tuples but encode differently.
-        if key is not None and all(type(h) is tuple and len(h) == 2 for h in key):
-            generation = table.generation  # type: ignore[attr-defined]
-            if table.resized:
-                # This block must announce the new table size: not reusable.
-                return super().encode(headers, huffman)
+        # Only lists of plain 2-tuples: HeaderTuple subclasses (never-indexed)
+        # compare equal to plain tuples but must encode differently. A block
+        # that announces a new table size is never reused.
+        if type(headers) is not list or not huffman or table.resized:
+            return super().encode(headers, huffman)
+        key = tuple(headers)
+        plain = all(type(field) is tuple and len(field) == 2 for field in key)
+        generation = table.generation  # type: ignore[attr-defined]
+        if plain:
             cached = self._blocks.get(key)
             if cached is not None and cached[0] == generation:
                 return cached[1]
-            block = super().encode(headers, huffman)
-            if table.generation == generation:  # type: ignore[attr-defined]
-                if len(self._blocks) >= _HPACK_CACHE_ENTRIES:
-                    self._blocks.clear()
-                self._blocks[key] = (generation, block)
-            return block
-        return super().encode(headers, huffman)
+        fields = self._fields
+        parts = []
+        for field in key:
+            if self._fields_generation != table.generation:  # type: ignore[attr-defined]
+                fields.clear()
+                self._fields_generation = table.generation  # type: ignore[attr-defined]
+            if type(field) is not tuple or len(field) != 2:
+                parts.append(super().encode([field], huffman))
+                continue
+            part = fields.get(field)
+            if part is None:
+                part = super().encode([field], huffman)
+                if table.generation == self._fields_generation:  # type: ignore[attr-defined]
+                    if len(fields) >= _HPACK_CACHE_ENTRIES:
+                        fields.clear()
+                    fields[field] = part
+            parts.append(part)
+        block = b"".join(parts)
+        if plain and table.generation == generation:  # type: ignore[attr-defined]
+            if len(self._blocks) >= _HPACK_CACHE_ENTRIES:
+                self._blocks.clear()
+            self._blocks[key] = (generation, block)
+        return block
 
 
 class _CachingDecoder(hpack.Decoder):
@@ -220,6 +241,8 @@ class _H2Connection(h2.connection.H2Connection):
         # h2 serializes every frame and copies the result twice more (into its
         # buffer, then out of it). A large DATA payload instead travels as its
         # own chunk behind a hand-packed 9-byte header, all the way to sendmsg.
+        if not frames:
+            return
         small: list[bytes] = []
         for frame in frames:
             data = getattr(frame, "data", None)
