@@ -465,9 +465,10 @@ async def test_body_queued_when_goaway_arrives_still_reaches_the_peer(
             stream = await client.open_stream(REQUEST)
             await peer.wait_for(h2.events.RequestReceived)
             await trio.testing.wait_all_tasks_blocked()
-            # The GOAWAY becomes readable and the body is queued in one
-            # scheduler step, so the client's reader may run before its writer
-            # (trio picks the order at random; h2 drops unsent output on GOAWAY).
+            # The GOAWAY becomes readable and the body is sent in one
+            # scheduler step. h2 drops output it still holds when a GOAWAY
+            # arrives, so a driver that defers writes to its writer task loses
+            # the body whenever trio runs the reader first (the order is random).
             client_side.receive_stream.put_data(_goaway(1))
             await stream.send_data(b"body", end_stream=True)
             received = b""
