@@ -66,6 +66,8 @@ _END_STREAM_FLAG = 0x1
 # Distinct header lists (blocks) remembered per connection direction.
 _HPACK_CACHE_ENTRIES = 64
 _HPACK_CACHE_MAX_BLOCK = 1024
+# Header fields remembered as seen once (indexed when seen again).
+_HPACK_SEEN_ENTRIES = 256
 # sendmsg takes at most IOV_MAX (1024 on Linux) buffers per call.
 _MAX_SEND_CHUNKS = 64
 _EMPTY = b""
@@ -115,7 +117,8 @@ class _CachingEncoder(hpack.Encoder):
     and changes nothing until the table changes, and so does a list of such
     fields. A gRPC peer sends the same few header lists over and over, often
     with one field that differs per call: whole lists are reused when they
-    repeat, and otherwise each field that did not touch the table is.
+    repeat, and otherwise each field that did not touch the table is. A
+    field enters the table only when it is used a second time.
     """
 
     def __init__(self) -> None:
@@ -124,6 +127,7 @@ class _CachingEncoder(hpack.Encoder):
         self._blocks: dict[tuple[tuple[bytes, bytes], ...], tuple[int, bytes]] = {}
         self._fields: dict[tuple[bytes, bytes], bytes] = {}
         self._fields_generation = 0
+        self._seen: dict[tuple[bytes, bytes], None] = {}
 
     def encode(self, headers: Any, huffman: bool = True) -> bytes:
         table = self.header_table
@@ -133,9 +137,9 @@ class _CachingEncoder(hpack.Encoder):
         if type(headers) is not list or not huffman or table.resized:
             return super().encode(headers, huffman)
         key = tuple(headers)
-        plain = all(type(field) is tuple and len(field) == 2 for field in key)
+        reusable = all(type(field) is tuple and len(field) == 2 for field in key)
         generation = table.generation  # type: ignore[attr-defined]
-        if plain:
+        if reusable:
             cached = self._blocks.get(key)
             if cached is not None and cached[0] == generation:
                 return cached[1]
@@ -149,6 +153,17 @@ class _CachingEncoder(hpack.Encoder):
                 parts.append(super().encode([field], huffman))
                 continue
             part = fields.get(field)
+            if part is None and field not in self._seen:
+                # Indexed only from its second use: a value that never comes
+                # back (a call id) must not push out the ones that do, nor
+                # change the table under every cached block.
+                if len(self._seen) >= _HPACK_SEEN_ENTRIES:
+                    self._seen.clear()
+                self._seen[field] = None
+                parts.append(self._encode_unindexed(field, huffman))
+                # Not worth keeping: the next use indexes this field.
+                reusable = False
+                continue
             if part is None:
                 part = super().encode([field], huffman)
                 if table.generation == self._fields_generation:  # type: ignore[attr-defined]
@@ -157,11 +172,22 @@ class _CachingEncoder(hpack.Encoder):
                     fields[field] = part
             parts.append(part)
         block = b"".join(parts)
-        if plain and table.generation == generation:  # type: ignore[attr-defined]
+        if reusable and table.generation == generation:  # type: ignore[attr-defined]
             if len(self._blocks) >= _HPACK_CACHE_ENTRIES:
                 self._blocks.clear()
             self._blocks[key] = (generation, block)
         return block
+
+    def _encode_unindexed(self, field: tuple[bytes, bytes], huffman: bool) -> bytes:
+        # RFC 7541 6.2.2, literal without indexing: the table is left as is.
+        name, value = field
+        match = self.header_table.search(name, value)
+        if match is None:
+            return self._encode_literal(name, value, hpack.hpack.INDEX_NONE, huffman)
+        index, _, perfect = match
+        if perfect is not None:
+            return self._encode_indexed(index)
+        return self._encode_indexed_literal(index, value, hpack.hpack.INDEX_NONE, huffman)
 
 
 class _CachingDecoder(hpack.Decoder):
