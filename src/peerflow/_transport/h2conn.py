@@ -270,6 +270,7 @@ class _H2Connection(h2.connection.H2Connection):
         # own chunk behind a hand-packed 9-byte header, all the way to sendmsg.
         if not frames:
             return
+        self._adopt_direct_output()
         small: list[bytes] = []
         for frame in frames:
             data = getattr(frame, "data", None)
@@ -297,13 +298,20 @@ class _H2Connection(h2.connection.H2Connection):
             self._output.append(b"".join(small))
 
     def take_output(self) -> list[bytes]:
-        """Return and clear everything queued for the peer, in order."""
-        if self._data_to_send:
-            # Written directly by h2 (the connection preamble).
-            self._output.insert(0, bytes(self._data_to_send))
-            self._data_to_send = bytearray()
+        """Return and clear everything queued for the peer, in order.
+
+        This replaces ``data_to_send``, which only sees what h2 writes to
+        its own buffer directly.
+        """
+        self._adopt_direct_output()
         output, self._output = self._output, []
         return output
+
+    def _adopt_direct_output(self) -> None:
+        # h2 writes the connection preamble straight into its own buffer.
+        if self._data_to_send:
+            self._output.append(bytes(self._data_to_send))
+            self._data_to_send = bytearray()
 
     def clear_outbound_data_buffer(self) -> None:
         super().clear_outbound_data_buffer()
@@ -318,9 +326,11 @@ class _H2Connection(h2.connection.H2Connection):
 
 
 def _send_chunks(raw: socket.socket, chunks: Sequence[bytes | memoryview]) -> int:
+    # One non-blocking send of as many chunks as one call takes; returns the
+    # bytes sent, which may end inside any chunk.
     if len(chunks) == 1 or not _HAVE_SENDMSG:
         return raw.send(chunks[0])
-    return raw.sendmsg(chunks)
+    return raw.sendmsg(chunks[:_MAX_SEND_CHUNKS])
 
 
 _HAVE_SENDMSG = hasattr(socket.socket, "sendmsg")
