@@ -663,3 +663,16 @@ def test_hpack_indexes_a_field_from_its_second_use() -> None:
         decoder.decode(encoder.encode([(b"x-call-id", b"%d" % call), (b"x-app", b"same")]))
     # Only the repeated field made it into the table.
     assert decoder.header_table.dynamic_entries == deque([(b"x-app", b"same")])
+
+
+def test_hpack_decoder_checks_the_whole_block_when_reusing_its_start() -> None:
+    head = b"\x82\x86\x84"  # :method GET, :scheme http, :path / (42 + 43 + 38 bytes)
+    size_update = b"\x3f\xe1\x1f"  # table size 4096
+    literal = hpack.Encoder().encode([hpack.NeverIndexedHeaderTuple(b"x-big", b"v" * 40)])
+    for decoder in (_CachingDecoder(190), hpack.Decoder(190)):
+        assert len(decoder.decode(head + b"\x87", raw=True)) == 4  # warms the reused start
+        with pytest.raises(hpack.HPACKDecodingError, match="start of the block"):
+            decoder.decode(head + size_update, raw=True)
+        assert len(decoder.decode(literal, raw=True)) == 1  # 77 bytes alone fit
+        with pytest.raises(hpack.OversizedHeaderListError):
+            decoder.decode(head + literal, raw=True)

@@ -194,13 +194,16 @@ class _CachingDecoder(hpack.Decoder):
     """An HPACK decoder that reuses the header list for a block it has decoded.
 
     The counterpart of _CachingEncoder: a block that left the table unchanged
-    decodes to the same list until the table or the limits change.
+    decodes to the same list until the table or the limits change. A block
+    that differs only after a leading run of indexed fields (the fixed
+    request headers, then a per-call value) reuses the decoded run.
     """
 
     def __init__(self, max_header_list_size: int) -> None:
         super().__init__(max_header_list_size)
         self.header_table = _CountedTable()
         self._lists: dict[bytes, tuple[tuple[int, int, int], list[Any]]] = {}
+        self._heads: dict[bytes, tuple[tuple[int, int, int], list[Any], int]] = {}
 
     def decode(self, data: bytes, raw: bool = False) -> list[Any]:
         if not raw or len(data) > _HPACK_CACHE_MAX_BLOCK:
@@ -214,13 +217,40 @@ class _CachingDecoder(hpack.Decoder):
         cached = self._lists.get(key)
         if cached is not None and cached[0] == state:
             return list(cached[1])
-        headers = list(super().decode(data, raw))
+        headers = self._decode_split(key, state)
         if self.header_table.generation == state[0]:  # type: ignore[attr-defined]
             if len(self._lists) >= _HPACK_CACHE_ENTRIES:
                 self._lists.clear()
             self._lists[key] = (state, headers)
             return list(headers)
         return headers
+
+    def _decode_split(self, data: bytes, state: tuple[int, int, int]) -> list[Any]:
+        # The leading run of one-byte indexed fields (0x81..0xfe) decodes the
+        # same way whatever follows, and changes nothing in the table.
+        run = 0
+        while run < len(data) and 0x80 < data[run] < 0xFF:
+            run += 1
+        if run == 0 or run == len(data):
+            return list(super().decode(data, True))
+        head_key = data[:run]
+        head = self._heads.get(head_key)
+        if head is None or head[0] != state:
+            fields = list(super().decode(head_key, True))
+            size = sum(hpack.table.table_entry_size(name, value) for name, value in fields)
+            head = (state, fields, size)
+            if len(self._heads) >= _HPACK_CACHE_ENTRIES:
+                self._heads.clear()
+            self._heads[head_key] = head
+        if data[run] & 0xE0 == 0x20:
+            raise hpack.HPACKDecodingError("Table size update not at the start of the block")
+        tail = list(super().decode(data[run:], True))
+        size = head[2] + sum(hpack.table.table_entry_size(name, value) for name, value in tail)
+        if size > self.max_header_list_size:
+            raise hpack.OversizedHeaderListError(
+                f"A header list larger than {self.max_header_list_size} has been received"
+            )
+        return head[1] + tail
 
 
 class _H2Connection(h2.connection.H2Connection):
