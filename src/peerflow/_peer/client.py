@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextvars
-import itertools
 import math
 import ssl
 import urllib.parse
@@ -45,7 +44,6 @@ M = TypeVar("M")
 
 _FROM_ENV: Final = object()
 _PARENT = RefLifetime.UNTIL_PARENT_FINISH
-_CALL_ID: Final = grpc.CALL_ID_HEADER.encode()
 
 
 @attrs.frozen
@@ -119,7 +117,6 @@ class PeerClient:
         self.node_id = node_id
         self.endpoint = endpoint
         self._log = PeerLogger("client", node_id)
-        self._call_ids = itertools.count(1)
         self._conn = conn
         self._limits = limits
         self._lease_ttl = lease_ttl
@@ -389,8 +386,7 @@ class PeerClient:
         return result
 
     def _headers_for(self, method: grpc.MethodSpec) -> list[tuple[bytes, bytes]]:
-        call_id = f"{self.node_id}:{next(self._call_ids)}".encode("ascii", "replace")
-        headers = [(b":path", method.path.encode()), *self._base_headers, (_CALL_ID, call_id)]
+        headers = [(b":path", method.path.encode()), *self._base_headers]
         deadline = trio.current_effective_deadline()
         if deadline != math.inf:
             timeout = grpc.encode_grpc_timeout(deadline - trio.current_time())

@@ -10,7 +10,6 @@ can end the connection or the server.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Final, final
@@ -92,7 +91,6 @@ class GrpcHandler:
         self._service = service
         self._limits = limits
         self._log = PeerLogger("grpc", service.node_id)
-        self._call_ids = itertools.count(1)
         self._token = token
         self._token_principal = None if token is None else token_principal(token)
         self._principal_of = principal_of
@@ -108,10 +106,13 @@ class GrpcHandler:
 
     async def __call__(self, stream: ServerStream) -> None:
         """Serve one call; every failure becomes the call's gRPC status."""
-        # The caller's call id, when it sent one, ties both sides' logs together.
+        # A caller may send its own call id to tie both sides' logs together;
+        # otherwise the connection and stream name the call.
         call_id = stream.header(_CALL_ID)
         set_call_id(
-            call_id[:64].decode("ascii", "replace") if call_id else f"s{next(self._call_ids)}"
+            call_id[:64].decode("ascii", "replace")
+            if call_id
+            else f"{id(stream.connection):x}/{stream.stream_id}"
         )
         method = self._methods.get(stream.path)
         if stream.method != b"POST":

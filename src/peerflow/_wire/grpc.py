@@ -79,7 +79,7 @@ SERVICE: Final = "peerflow.peer.v1.Peer"
 CONTENT_TYPE: Final = "application/grpc+msgpack"
 #: The caller's node id, sent on every call.
 NODE_ID_HEADER: Final = "x-peerflow-peer-node-id"
-#: An id for one call, chosen by the caller, that both sides put in their logs.
+#: An optional id for one call, chosen by the caller, that the peer puts in its logs.
 CALL_ID_HEADER: Final = "x-peerflow-call-id"
 #: Trailer carrying an :class:`ErrorDetails` message on a non-OK status.
 ERROR_DETAILS_TRAILER: Final = "peerflow-error-bin"
