@@ -122,6 +122,7 @@ class Run:
         self._buffers: dict[tuple[str, frozenset[str]], list[Event]] = {}
         self._nursery: trio.Nursery | None = None
         self._stopped = False
+        self._sending = False
         self._stop_value: Any = None
         # Set once the outcome is decided; later results and errors are moot.
         self._decided = False
@@ -256,7 +257,13 @@ class Run:
 
     def send(self, event: Event) -> None:
         """Route ``event`` with a task of its own per accepting step."""
-        pair = self._route((event,))
+        # The sender is a step still running: an outcome decided here must
+        # cancel it too, even when it is the nursery's body.
+        self._sending = True
+        try:
+            pair = self._route((event,))
+        finally:
+            self._sending = False
         if pair is not None:
             self._spawn(*pair)
 
@@ -293,8 +300,12 @@ class Run:
         self._cancel()
 
     def _cancel(self) -> None:
-        if self._nursery is not None:
-            self._nursery.cancel_scope.cancel()
+        # The nursery's body drives steps inline and ends on its own once a
+        # returning step decides the outcome: then only child tasks need
+        # cancelling. A needless cancel costs a Cancelled raised and caught.
+        nursery = self._nursery
+        if nursery is not None and (nursery.child_tasks or self._sending):
+            nursery.cancel_scope.cancel()
 
     def outcome(self) -> RunResult:
         """Return the run's result, or raise its error.
