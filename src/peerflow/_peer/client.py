@@ -371,9 +371,8 @@ class PeerClient:
 
     async def _unary_exchange(self, method: grpc.MethodSpec, request: bytes, cls: type[M]) -> M:
         # The hot path of every call: no context-manager machinery, one stream.
-        stream = await self._conn.open_stream(self._headers_for(method))
+        stream = await self._conn.open_stream(self._headers_for(method), body=encode_frame(request))
         try:
-            await stream.send_data(encode_frame(request), end_stream=True)
             result: M | None = None
             async for raw in _Reader(stream, method, self._limits.max_message_size):
                 if result is not None:
@@ -395,9 +394,8 @@ class PeerClient:
 
     @asynccontextmanager
     async def _call(self, method: grpc.MethodSpec, request: bytes) -> AsyncIterator[_Reader]:
-        stream = await self._conn.open_stream(self._headers_for(method))
+        stream = await self._conn.open_stream(self._headers_for(method), body=encode_frame(request))
         async with stream:
-            await stream.send_data(encode_frame(request), end_stream=True)
             yield _Reader(stream, method, self._limits.max_message_size)
 
 

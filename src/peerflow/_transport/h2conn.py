@@ -1349,10 +1349,19 @@ class H2ClientConnection(_Connection):
     def __init__(self, transport: trio.abc.Stream, settings: H2Settings | None = None) -> None:
         super().__init__(transport, settings, client_side=True)
 
-    async def open_stream(self, headers: HeaderSeq, *, end_stream: bool = False) -> ClientStream:
+    async def open_stream(
+        self,
+        headers: HeaderSeq,
+        *,
+        end_stream: bool = False,
+        body: bytes | bytearray | memoryview | None = None,
+    ) -> ClientStream:
         """Open a stream by sending its request headers.
 
-        Waits while the peer's ``max_concurrent_streams`` is reached.
+        With ``body``, the whole request body follows with END_STREAM, in the
+        same write as the headers when the flow-control window allows (one
+        send for a small unary request). Waits while the peer's
+        ``max_concurrent_streams`` is reached.
 
         Raises:
             PeerTransportError: the connection is closed or the peer sent GOAWAY.
@@ -1381,7 +1390,14 @@ class H2ClientConnection(_Connection):
             raise _h2_failure(exc, "cannot open a stream") from exc
         self._streams[stream_id] = stream
         stream._local_ended = end_stream
-        self._flush()
+        if body is None:
+            self._flush()
+            return stream
+        try:
+            await stream.send_data(body, end_stream=True)
+        except BaseException:
+            stream.reset(ErrorCodes.CANCEL)
+            raise
         return stream
 
     async def _close_client(self) -> None:
