@@ -296,13 +296,6 @@ async def test_a_call_in_flight_finishes_while_grpcio_shuts_down_gracefully(
     assert results == ["through the gate"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "h2conn/client: RST_STREAM(NO_ERROR) after a complete response fails the stream "
-        "while the request is still being sent, so the response's grpc-status is lost"
-    ),
-)
 async def test_an_early_error_answer_wins_over_the_request_still_being_sent() -> None:
     # grpcio refuses an oversized request as soon as its length prefix arrives:
     # a complete RESOURCE_EXHAUSTED answer, then RST_STREAM(NO_ERROR) to stop

@@ -452,6 +452,9 @@ class _Stream:
         self._local_ended = False
         self._failure: PeerTransportError | None = None
         self._reset_code: int | None = None
+        # The peer answered in full, then asked us to stop sending
+        # (RST_STREAM NO_ERROR): the rest of our body is dropped, not an error.
+        self._cut_short = False
         self._lot = trio.lowlevel.ParkingLot()
 
     @property
@@ -551,8 +554,10 @@ class _Stream:
         if view.ndim != 1 or view.itemsize != 1:
             view = view.cast("B")
         total = len(view)
-        self._check_sendable()
         if total == 0:
+            if self._cut_short:
+                return
+            self._check_sendable()
             if end_stream:
                 try:
                     h2c.end_stream(stream_id)
@@ -562,6 +567,8 @@ class _Stream:
             return
         offset = 0
         while offset < total:
+            if self._cut_short:
+                return
             self._check_sendable()
             window = h2c.local_flow_control_window(stream_id)
             if window <= 0:
@@ -753,6 +760,17 @@ class ClientStream(_Stream):
         super().__init__(conn, stream_id)
         self.response_headers: Headers | None = None
         self.trailers: Headers | None = None
+
+    def _on_reset(self, code: int) -> None:
+        if code == ErrorCodes.NO_ERROR and self._remote_ended:
+            # RFC 9113 8.1: a server may answer before the request is complete
+            # and then reset with NO_ERROR; the response must not be discarded.
+            self._reset_code = code
+            self._cut_short = True
+            self._local_ended = True
+            self._lot.unpark_all()
+            return
+        super()._on_reset(code)
 
     async def receive_headers(self) -> Headers:
         """Wait for the response headers and return them.
