@@ -178,14 +178,6 @@ async def test_unknown_frame_types_and_flags_are_ignored() -> None:
             assert raw.goaway is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="h2.frame_buffer.FrameBuffer.__next__ checks a frame's length against "
-    "max_frame_size only once the whole body is buffered; _Connection never checks the "
-    "9-byte header itself, so a header announcing 16 MiB (over the 1 MiB SETTINGS_MAX_"
-    "FRAME_SIZE) is buffered up to 16 MiB and answered with nothing until keepalive "
-    "(interval + timeout) ends the connection, instead of GOAWAY(FRAME_SIZE_ERROR) at once",
-)
 async def test_a_frame_over_max_frame_size_is_refused_from_its_header() -> None:
     with trio.fail_after(10):
         async with running_server() as (_, address), open_raw(address) as raw:
@@ -198,13 +190,6 @@ async def test_a_frame_over_max_frame_size_is_refused_from_its_header() -> None:
             await assert_good_call(address)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="h2conn._Connection._reader ignores the result of self._process(self._initial_data): "
-    "a protocol error in the bytes the listener sniffed along with the preface queues a "
-    "GOAWAY but does not close the connection; it lingers until handshake_timeout (10 s by "
-    "default; the peer's SETTINGS event was lost with h2's exception) instead of closing at once",
-)
 async def test_a_protocol_error_sent_with_the_preface_closes_the_connection(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

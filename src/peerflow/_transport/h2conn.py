@@ -29,6 +29,7 @@ import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
+import h2.frame_buffer
 import h2.settings
 import hpack
 import hpack.table
@@ -253,6 +254,21 @@ class _CachingDecoder(hpack.Decoder):
         return head[1] + tail
 
 
+class _FrameBuffer(h2.frame_buffer.FrameBuffer):
+    """h2's frame buffer, refusing an oversized frame from its 9-byte header.
+
+    h2 checks a frame's length only once the whole frame has arrived, so a
+    header announcing 16 MiB would be buffered up to 16 MiB before the
+    FRAME_SIZE_ERROR. Checking the announced length first bounds the buffer
+    by the advertised maximum frame size.
+    """
+
+    def __next__(self) -> hyperframe.frame.Frame:
+        if len(self._data) >= 9:
+            self._validate_frame_length(int.from_bytes(self._data[:3], "big"))
+        return super().__next__()
+
+
 class _H2Connection(h2.connection.H2Connection):
     """h2's connection state machine, with stream bookkeeping that scales.
 
@@ -267,6 +283,7 @@ class _H2Connection(h2.connection.H2Connection):
     def __init__(self, config: h2.config.H2Configuration) -> None:
         self._output = []
         super().__init__(config=config)
+        self.incoming_buffer = _FrameBuffer(server=not config.client_side)
         # Fresh HPACK contexts: nothing has been encoded or decoded yet.
         self.encoder = _CachingEncoder()
         self.decoder = _CachingDecoder(self.decoder.max_header_list_size)
@@ -1087,8 +1104,9 @@ class _Connection:
 
     async def _reader(self) -> None:
         if self._initial_data:
-            self._process(self._initial_data)
-            self._initial_data = b""
+            data, self._initial_data = self._initial_data, b""
+            if not await self._process_async(data):
+                return
         timeout = self._settings.handshake_timeout
         if timeout is not None and not self._peer_settings_seen:
             with trio.move_on_after(timeout):
