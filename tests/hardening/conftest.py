@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Generator
-from pathlib import Path
 
 import pytest
 from hardening_raw import capture_errors
-
-# tests/strategies.py is shared by every suite; pytest's default import mode
-# puts only this directory on sys.path.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 @pytest.hookimpl(wrapper=True)
