@@ -1,7 +1,7 @@
-"""How-to: secure a peer with mutual TLS (docs/how-to/tls.md).
+"""Secure a peer with mutual TLS: a parent and a peer on loopback over https (docs/how-to/tls.md).
 
 Test certificates come from trustme (a test dependency); in production use
-your own CA's files. Run: python3 docs/samples/howto_tls.py
+your own CA's files. Run: python3 examples/tls.py
 """
 
 from __future__ import annotations
