@@ -7,8 +7,9 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 import trio
-from interop_peer import CHANNEL_OPTIONS, GrpcioCaller, Probe, build_steps
+from interop_peer import CHANNEL_OPTIONS, GrpcioCaller
 
+from peer_steps import Probe, build_steps
 from peerflow import Limits, PeerAddress, PeerServer
 
 

@@ -282,7 +282,7 @@ def _event(n: int) -> dict[str, Any]:
     return {
         "v": VERSION,
         "kind": "event",
-        "event": {"event_type": "interop.Progress", "data": {"n": n}},
+        "event": {"event_type": "tests.Progress", "data": {"n": n}},
     }
 
 

@@ -1,4 +1,6 @@
-"""Shared pieces of the interop tests: the steps our PeerServer serves, and a grpcio caller.
+"""Shared pieces of the interop tests: plain-msgpack helpers and a grpcio caller.
+
+Our PeerServer serves the steps of ``tests/peer_steps.py``.
 
 Messages are built and read with plain ``msgpack`` following protocol/README.md,
 not with peerflow's codec, so a codec bug cannot hide behind itself.
@@ -15,16 +17,6 @@ import attrs
 import grpc
 import msgpack
 import trio
-
-from peerflow import (
-    Context,
-    Event,
-    RefLifetime,
-    StartEvent,
-    StepRegistry,
-    StopEvent,
-    Workflow,
-)
 
 SERVICE = "/peerflow.peer.v1.Peer/"
 NODE_ID_HEADER = "x-peerflow-peer-node-id"
@@ -58,90 +50,6 @@ def grpc_frame(body: bytes) -> bytes:
 def invoke_request(step_ids: list[str], input: Any, **extra: Any) -> dict[str, Any]:
     """An InvokeSubWorkflowRequest map (version 1)."""
     return {"v": 1, "workflow_name": "interop", "step_ids": step_ids, "input": input, **extra}
-
-
-@attrs.define
-class Progress(Event, event_type="interop.Progress"):
-    n: int
-
-
-class Opaque:
-    """A value with no serializer: live-only on its node."""
-
-
-@attrs.define
-class Probe:
-    """What the PeerServer's steps observed, for tests to assert on."""
-
-    echoes: int = 0
-    started: trio.Event = attrs.field(factory=trio.Event)
-    cancelled: bool = False
-    finished: bool = False
-    deadline: float | None = None
-    gate: trio.Event = attrs.field(factory=trio.Event)
-
-
-def build_steps(probe: Probe) -> StepRegistry:
-    """The steps our PeerServer offers to the third-party clients."""
-    registry = StepRegistry()
-    wf = Workflow("interop", registry=registry)
-
-    @wf.step("echo", accepts=[StartEvent])
-    async def echo(event: StartEvent, ctx: Context) -> StopEvent:
-        probe.echoes += 1
-        return StopEvent(result=event.data)
-
-    @wf.step("stateful", accepts=[StartEvent])
-    async def stateful(event: StartEvent, ctx: Context) -> StopEvent:
-        ctx.state["seen"] = event.data
-        ctx.state["node"] = ctx.node_id
-        return StopEvent(result="ok")
-
-    @wf.step("boom", accepts=[StartEvent])
-    async def boom(event: StartEvent, ctx: Context) -> None:
-        raise ValueError("kaput")
-
-    @wf.step("refs", accepts=[StartEvent])
-    async def refs(event: StartEvent, ctx: Context) -> StopEvent:
-        ids = []
-        for lifetime, kind in event.data:
-            value: Any = Opaque() if kind == "opaque" else f"value-{len(ids)}".encode()
-            ids.append(ctx.refs.insert(value, lifetime=RefLifetime(lifetime)))
-        return StopEvent(result=ids)
-
-    @wf.step("big", accepts=[StartEvent])
-    async def big(event: StartEvent, ctx: Context) -> StopEvent:
-        value = bytes(range(256)) * (event.data // 256)
-        return StopEvent(result=ctx.refs.insert(value, lifetime=RefLifetime.UNTIL_EXPLICIT_DROP))
-
-    @wf.step("slow", accepts=[StartEvent])
-    async def slow(event: StartEvent, ctx: Context) -> StopEvent:
-        probe.deadline = trio.current_effective_deadline()
-        ctx.refs.insert(b"scratch")
-        ctx.refs.insert(b"kept", lifetime=RefLifetime.UNTIL_PARENT_FINISH)
-        probe.started.set()
-        try:
-            await trio.sleep(event.data)
-        except trio.Cancelled:
-            probe.cancelled = True
-            raise
-        probe.finished = True
-        return StopEvent(result="slept")
-
-    @wf.step("gated", accepts=[StartEvent])
-    async def gated(event: StartEvent, ctx: Context) -> StopEvent:
-        probe.started.set()
-        await probe.gate.wait()
-        return StopEvent(result="through the gate")
-
-    @wf.step("progress", accepts=[StartEvent])
-    async def progress(event: StartEvent, ctx: Context) -> StopEvent:
-        ctx.write_event_to_stream(Progress(1))
-        await probe.gate.wait()
-        ctx.write_event_to_stream(Progress(2))
-        return StopEvent(result="done")
-
-    return registry
 
 
 @attrs.frozen

@@ -16,7 +16,6 @@ from interop_peer import (
     CHANNEL_OPTIONS,
     SERVICE,
     GrpcioCaller,
-    Probe,
     error_details,
     invoke_request,
     pack,
@@ -25,6 +24,7 @@ from interop_peer import (
 )
 
 import peerflow
+from peer_steps import Probe
 from peerflow import Limits, PeerAddress, PeerServer
 
 # Bounds every test that touches a socket; generous because CI machines stall.
@@ -159,8 +159,8 @@ async def test_stream_sub_workflow_sends_events_as_they_happen_then_the_response
             "StreamSubWorkflow", invoke_request(["progress"], None), on_message=on_message
         )
     assert messages[:2] == [
-        {"v": 1, "kind": "event", "event": {"event_type": "interop.Progress", "data": {"n": 1}}},
-        {"v": 1, "kind": "event", "event": {"event_type": "interop.Progress", "data": {"n": 2}}},
+        {"v": 1, "kind": "event", "event": {"event_type": "tests.Progress", "data": {"n": 1}}},
+        {"v": 1, "kind": "event", "event": {"event_type": "tests.Progress", "data": {"n": 2}}},
     ]
     assert messages[2]["kind"] == "response"
     assert messages[2]["result"] == "done"
@@ -176,7 +176,7 @@ async def test_one_channel_carries_many_concurrent_calls(
             "InvokeSubWorkflow", [invoke_request(["echo"], i) for i in range(200)]
         )
     assert [r["result"] for r in responses] == list(range(200))
-    assert probe.echoes == 200
+    assert probe.ran.count("echo") == 200
 
 
 async def test_refs_belong_to_the_node_id_in_the_metadata(
@@ -212,7 +212,7 @@ async def test_unknown_step_is_not_found_with_details(caller: GrpcioCaller, prob
             assert details["code"] == "unknown_step"
             assert details["step_id"] == "no-such-step"
             assert isinstance(details["message"], str)
-    assert probe.echoes == 0
+    assert probe.ran.count("echo") == 0
 
 
 async def test_a_newer_envelope_version_is_a_failed_precondition(caller: GrpcioCaller) -> None:
@@ -389,7 +389,7 @@ async def test_a_unary_method_wants_exactly_one_request_message(
             )
     assert status_of(info.value) == grpc.StatusCode.INVALID_ARGUMENT
     assert error_details(info.value)["code"] == "encode"
-    assert probe.echoes == 0
+    assert probe.ran.count("echo") == 0
 
 
 @pytest.mark.parametrize("limits", [Limits(stream_window=65_535, connection_window=65_535)])
@@ -503,7 +503,7 @@ async def test_a_server_with_a_token_refuses_calls_without_it(
                 await caller.server_stream(method, invoke_request(["echo"], 1))
             assert status_of(info.value) == grpc.StatusCode.UNAUTHENTICATED
             assert error_details(info.value)["code"] == "auth"
-    assert probe.echoes == 0
+    assert probe.ran.count("echo") == 0
 
 
 @pytest.mark.parametrize("token", ["s3cret"])

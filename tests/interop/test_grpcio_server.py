@@ -12,9 +12,10 @@ from collections.abc import Iterator
 import pytest
 import trio
 from interop_grpcio_server import ReferencePeer
-from interop_peer import Progress, wait_until
+from interop_peer import wait_until
 
 import peerflow
+from peer_steps import Progress
 from peerflow import PeerClient, RefLifetime, RemoteRefDescriptor
 
 TIMEOUT = 20

@@ -1,4 +1,7 @@
-"""Steps for peer tests, instrumented with a Probe that records what they saw."""
+"""Steps a test PeerServer offers, instrumented with a Probe that records what they saw.
+
+Shared by the peer and interop suites (tests/ is on pytest's pythonpath).
+"""
 
 from __future__ import annotations
 
@@ -90,6 +93,12 @@ def build_steps(probe: Probe) -> StepRegistry:
             raise
         probe.finished = True
         return StopEvent(result="slept")
+
+    @wf.step("gated", accepts=[StartEvent])
+    async def gated(event: StartEvent, ctx: Context) -> StopEvent:
+        probe.started.set()
+        await probe.gate.wait()
+        return StopEvent(result="through the gate")
 
     @wf.step("progress", accepts=[StartEvent])
     async def progress(event: StartEvent, ctx: Context) -> StopEvent:
