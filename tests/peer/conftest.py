@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
-from peer_steps import Probe, build_steps
 
+from peer_steps import Probe, build_steps
 from peerflow import Limits, PeerClient, PeerServer
 from peerflow.testing import open_memory_peer
 

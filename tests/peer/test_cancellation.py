@@ -6,9 +6,9 @@ import math
 
 import pytest
 import trio
-from peer_steps import Probe
 
 import peerflow
+from peer_steps import Probe
 from peerflow import PeerServer
 from peerflow.testing import open_memory_peer
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import trio
-from peer_steps import Probe
 
 import peerflow
+from peer_steps import Probe
 from peerflow import Limits, PeerClient, PeerServer
 from peerflow.testing import open_memory_peer
 

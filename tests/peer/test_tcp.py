@@ -6,9 +6,9 @@ import socket
 
 import pytest
 import trio
-from peer_steps import Probe
 
 import peerflow
+from peer_steps import Probe
 from peerflow import PeerClient, PeerServer
 
 
