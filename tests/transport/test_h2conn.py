@@ -588,6 +588,66 @@ async def test_raw_data_for_reset_streams_is_credited() -> None:
         nursery.cancel_scope.cancel()
 
 
+async def test_raw_padded_prioritised_and_continued_frames_are_served() -> None:
+    # The driver cuts plain DATA and single-frame HEADERS itself and leaves
+    # every other shape to h2; each shape must still be served, and plain
+    # frames after them must take the short path again.
+    settings = H2Settings(max_frame_size=16384)
+    peer, server_side = await _raw_client()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_h2_connection, server_side, echo_handler, settings)
+        await peer.wait_for(h2.events.RemoteSettingsChanged)
+        peer.h2.send_headers(1, REQUEST, priority_weight=200)
+        peer.h2.send_data(1, b"padded", end_stream=True, pad_length=7)
+        # 20 KB of header values span a HEADERS and a CONTINUATION frame.
+        peer.h2.send_headers(3, [*REQUEST, (b"x-long", b"v" * 20000)])
+        peer.h2.send_data(3, b"continued", end_stream=True)
+        peer.h2.send_headers(5, REQUEST)
+        peer.h2.send_data(5, b"plain", end_stream=True)
+        await peer.flush()
+        bodies: dict[int, bytes] = {}
+        while len(bodies) < 3:
+            for event in await peer.next_events():
+                if isinstance(event, h2.events.DataReceived):
+                    bodies[event.stream_id] = event.data
+                    peer.h2.acknowledge_received_data(event.flow_controlled_length, 1)
+            assert not peer.closed
+        assert bodies == {1: b"padded", 3: b"continued", 5: b"plain"}
+        nursery.cancel_scope.cancel()
+
+
+async def test_raw_request_fed_one_byte_at_a_time() -> None:
+    peer, server_side = await _raw_client()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_h2_connection, server_side, echo_handler)
+        await peer.wait_for(h2.events.RemoteSettingsChanged)
+        peer.h2.send_headers(1, REQUEST)
+        peer.h2.send_data(1, b"one byte at a time", end_stream=True)
+        for byte in peer.h2.data_to_send():
+            await peer.send_raw(bytes([byte]))
+        response = await peer.wait_for(h2.events.DataReceived)
+        assert response.data == b"one byte at a time"
+        nursery.cancel_scope.cancel()
+
+
+async def test_response_header_block_larger_than_a_frame_is_continued() -> None:
+    long_value = b"w" * 40000
+
+    async def handler(stream: ServerStream) -> None:
+        await stream.receive_all()
+        await stream.send_response([*OK, (b"x-long", long_value)], b"body", TRAILERS)
+
+    client_settings = H2Settings(max_frame_size=16384)
+    async with (
+        connected(handler, client_settings=client_settings) as (client, _),
+        await client.open_stream(REQUEST, body=b"") as stream,
+    ):
+        headers = await stream.receive_headers()
+        assert (b"x-long", long_value) in headers
+        assert await stream.receive_all() == b"body"
+        assert stream.trailers == TRAILERS
+
+
 def test_settings_reject_out_of_range_values() -> None:
     with pytest.raises(ValueError, match="max_frame_size"):
         H2Settings(max_frame_size=1000)

@@ -35,6 +35,9 @@ import hpack
 import hpack.table
 import hyperframe.frame
 import trio
+from h2.connection import AllowedStreamIDs, ConnectionInputs
+from h2.stream import StreamInputs
+from h2.utilities import authority_from_headers, extract_method_header
 
 from ..errors import PeerTimeoutError, PeerTransportError
 from .config import H2Settings
@@ -62,8 +65,17 @@ logger = logging.getLogger("peerflow.transport")
 _DEFAULT_WINDOW = 65535
 # DATA payloads at least this big skip h2's serialization copies.
 _SEPARATE_PAYLOAD = 16384
-_DATA_HEADER = struct.Struct(">HBBBL")
+# A frame header: length (24 bits, as 16 + 8), type, flags, stream id.
+_FRAME_HEADER = struct.Struct(">HBBBL")
+_DATA = 0x0
+_HEADERS = 0x1
+_CONTINUATION = 0x9
 _END_STREAM_FLAG = 0x1
+_END_HEADERS_FLAG = 0x4
+_PADDED_FLAG = 0x8
+_PRIORITY_FLAG = 0x20
+_END_STREAM_SET = frozenset({"END_STREAM"})
+_NO_FLAGS: frozenset[str] = frozenset()
 # Distinct header lists (blocks) remembered per connection direction.
 _HPACK_CACHE_ENTRIES = 64
 _HPACK_CACHE_MAX_BLOCK = 1024
@@ -269,24 +281,246 @@ class _FrameBuffer(h2.frame_buffer.FrameBuffer):
         return super().__next__()
 
 
-class _H2Connection(h2.connection.H2Connection):
-    """h2's connection state machine, with stream bookkeeping that scales.
+class _ReceivedFrame:
+    """A DATA or HEADERS frame cut out by the driver, shaped as h2's handlers read it.
 
-    h2 counts open streams by walking every stream it knows, once or twice
-    for each new stream, and prunes closed ones during that walk. The driver
-    instead prunes each stream as it releases it (``forget``), which keeps
-    ``streams`` close to the open set, so its size bounds the count.
+    hyperframe builds a full object per frame (a flag set, a parsed body, an
+    eager repr for h2's log); these two kinds carry nothing h2 does not use.
     """
 
-    _output: list[bytes]
+    __slots__ = ("data", "flags", "flow_controlled_length", "stream_id")
+
+    def __init__(self, stream_id: int, data: bytes, end_stream: bool) -> None:
+        self.stream_id = stream_id
+        self.data = data
+        self.flags = _END_STREAM_SET if end_stream else _NO_FLAGS
+        self.flow_controlled_length = len(data)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(stream_id={self.stream_id}, length={len(self.data)})"
+
+
+class _ReceivedData(_ReceivedFrame):
+    """An unpadded DATA frame."""
+
+
+class _ReceivedHeaders(_ReceivedFrame):
+    """A HEADERS frame with END_HEADERS, no padding and no priority."""
+
+
+class _H2Connection(h2.connection.H2Connection):
+    """h2's connection state machine, with lean paths for the frames every call sends.
+
+    h2 stays the authority on every state: each stream and connection
+    transition, window and HPACK context goes through its state machines.
+    What is cut is the generic machinery around them, which costs more than
+    the state itself on a small call:
+
+    - Receiving: the driver splits the input into frames itself and hands
+      unpadded DATA and single-frame HEADERS to h2's own handlers (through
+      ``_receive_frame``, so its stream-error handling applies) without
+      building hyperframe objects. Every other frame, the preface and any
+      header block that spans CONTINUATION frames take h2's full path.
+    - Sending: HEADERS and DATA are written as bytes after the same
+      transitions and checks h2 makes, with HPACK blocks from the caching
+      encoder and large payloads left uncopied for ``sendmsg``.
+    - h2 counts open streams by walking every stream it knows, once or twice
+      for each new stream, and prunes closed ones during that walk. The
+      driver instead prunes each stream as it releases it (``forget``), which
+      keeps ``streams`` close to the open set, so its size bounds the count.
+    """
+
+    _output: list[bytes | memoryview]
 
     def __init__(self, config: h2.config.H2Configuration) -> None:
         self._output = []
+        self._pending = bytearray()
         super().__init__(config=config)
         self.incoming_buffer = _FrameBuffer(server=not config.client_side)
         # Fresh HPACK contexts: nothing has been encoded or decoded yet.
         self.encoder = _CachingEncoder()
         self.decoder = _CachingDecoder(self.decoder.max_header_list_size)
+        self._frame_dispatch_table[_ReceivedData] = self._receive_data_frame  # type: ignore[index]
+        self._frame_dispatch_table[_ReceivedHeaders] = self._receive_headers_frame  # type: ignore[index]
+
+    # ------------------------------------------------------------- receiving
+
+    # h2 types ``data`` as any buffer; the driver only ever passes these.
+    def receive_data(  # type: ignore[override]
+        self, data: bytes | bytearray | memoryview
+    ) -> list[h2.events.Event]:
+        buffer = self.incoming_buffer
+        if buffer._preamble_len or buffer._data or buffer._headers_buffer:
+            # h2 holds part of the preface, a frame or a header block.
+            return super().receive_data(data)
+        pending = self._pending
+        pending += data
+        events: list[h2.events.Event] = []
+        view = memoryview(pending)
+        size = len(view)
+        pos = 0
+        max_size = self.max_inbound_frame_size
+        try:
+            while size - pos >= 9:
+                length = view[pos] << 16 | view[pos + 1] << 8 | view[pos + 2]
+                if length > max_size:
+                    # h2 refuses it from its header; hand over the rest.
+                    events += super().receive_data(view[pos:])
+                    pos = size
+                    break
+                end = pos + 9 + length
+                if end > size:
+                    break
+                kind = view[pos + 3]
+                flags = view[pos + 4]
+                stream_id = int.from_bytes(view[pos + 5 : pos + 9], "big") & 0x7FFFFFFF
+                frame: _ReceivedFrame
+                if kind == _DATA and stream_id and not flags & _PADDED_FLAG:
+                    frame = _ReceivedData(
+                        stream_id, bytes(view[pos + 9 : end]), bool(flags & _END_STREAM_FLAG)
+                    )
+                elif (
+                    kind == _HEADERS
+                    and stream_id
+                    and flags & (_END_HEADERS_FLAG | _PADDED_FLAG | _PRIORITY_FLAG)
+                    == _END_HEADERS_FLAG
+                ):
+                    frame = _ReceivedHeaders(
+                        stream_id, bytes(view[pos + 9 : end]), bool(flags & _END_STREAM_FLAG)
+                    )
+                else:
+                    events += super().receive_data(view[pos:end])
+                    pos = end
+                    if buffer._headers_buffer:
+                        # A header block continues: h2 takes the rest.
+                        events += super().receive_data(view[pos:])
+                        pos = size
+                        break
+                    continue
+                pos = end
+                try:
+                    events += self._receive_frame(frame)  # type: ignore[arg-type]
+                except h2.exceptions.ProtocolError as exc:
+                    # As h2's receive_data: GOAWAY goes out, then the error.
+                    self._terminate_connection(exc.error_code)
+                    raise
+        except BaseException:
+            # The traceback may still hold views of the buffer, which then
+            # cannot shrink; the connection is over anyway.
+            self._pending = bytearray()
+            raise
+        view.release()
+        del pending[:pos]
+        return events
+
+    # --------------------------------------------------------------- sending
+
+    def send_headers(  # noqa: PLR0917 -- h2's signature
+        self,
+        stream_id: int,
+        headers: Any,
+        end_stream: bool = False,
+        priority_weight: int | None = None,
+        priority_depends_on: int | None = None,
+        priority_exclusive: bool | None = None,
+    ) -> None:
+        if (
+            type(headers) is not list
+            or priority_weight is not None
+            or priority_depends_on is not None
+            or priority_exclusive is not None
+            or (not self.config.client_side and _is_informational(headers))
+        ):
+            super().send_headers(
+                stream_id,
+                headers,
+                end_stream,
+                priority_weight,
+                priority_depends_on,
+                priority_exclusive,
+            )
+            return
+        # The same checks and transitions as h2, in its order: the state
+        # moves before the block is encoded, since encoding changes the HPACK
+        # context for good.
+        if stream_id not in self.streams:
+            limit = self.remote_settings.max_concurrent_streams
+            if self.open_outbound_streams + 1 > limit:
+                raise h2.exceptions.TooManyStreamsError(
+                    f"Max outbound streams is {limit}, {self.open_outbound_streams} open"
+                )
+        self.state_machine.process_input(ConnectionInputs.SEND_HEADERS)
+        stream = self._get_or_create_stream(stream_id, AllowedStreamIDs(self.config.client_side))
+        stream.state_machine.process_input(StreamInputs.SEND_HEADERS)
+        block = self.encoder.encode(headers)
+        if end_stream:
+            stream.state_machine.process_input(StreamInputs.SEND_END_STREAM)
+        if stream.state_machine.trailers_sent and not end_stream:
+            raise h2.exceptions.ProtocolError("Trailers must have END_STREAM set.")
+        if self.config.client_side:
+            if stream._authority is None:
+                stream._authority = authority_from_headers(headers)
+            stream.request_method = extract_method_header(headers)
+        self._adopt_direct_output()
+        step = self.max_outbound_frame_size
+        first = block[:step]
+        flags = _END_STREAM_FLAG if end_stream else 0
+        if len(block) <= step:
+            flags |= _END_HEADERS_FLAG
+        parts = [_FRAME_HEADER.pack(len(first) >> 8, len(first) & 0xFF, _HEADERS, flags, stream_id)]
+        parts.append(first)
+        for start in range(step, len(block), step):
+            piece = block[start : start + step]
+            last = start + step >= len(block)
+            parts.append(
+                _FRAME_HEADER.pack(
+                    len(piece) >> 8,
+                    len(piece) & 0xFF,
+                    _CONTINUATION,
+                    _END_HEADERS_FLAG if last else 0,
+                    stream_id,
+                )
+            )
+            parts.append(piece)
+        self._output.append(b"".join(parts))
+
+    def send_data(
+        self,
+        stream_id: int,
+        data: bytes | memoryview,
+        end_stream: bool = False,
+        pad_length: Any = None,
+    ) -> None:
+        if pad_length is not None:
+            super().send_data(stream_id, data, end_stream, pad_length)
+            return
+        size = len(data)
+        stream = self._get_stream_by_id(stream_id)
+        window = min(self.outbound_flow_control_window, stream.outbound_flow_control_window)
+        if size > window:
+            raise h2.exceptions.FlowControlError(
+                f"Cannot send {size} bytes, flow control window is {window}"
+            )
+        if size > self.max_outbound_frame_size:
+            raise h2.exceptions.FrameTooLargeError(
+                f"Cannot send frame size {size}, max frame size is {self.max_outbound_frame_size}"
+            )
+        self.state_machine.process_input(ConnectionInputs.SEND_DATA)
+        stream.state_machine.process_input(StreamInputs.SEND_DATA)
+        flags = 0
+        if end_stream:
+            stream.state_machine.process_input(StreamInputs.SEND_END_STREAM)
+            flags = _END_STREAM_FLAG
+        stream.outbound_flow_control_window -= size
+        self.outbound_flow_control_window -= size
+        self._adopt_direct_output()
+        header = _FRAME_HEADER.pack(size >> 8, size & 0xFF, _DATA, flags, stream_id)
+        if size >= _SEPARATE_PAYLOAD:
+            # Sent from the caller's buffer by sendmsg, never copied.
+            self._output.append(header)
+            self._output.append(data)
+        else:
+            self._output.append(header + data)
 
     def _open_streams(self, remainder: int) -> int:
         # h2 only compares the count with the concurrency limit; the bound
@@ -312,39 +546,12 @@ class _H2Connection(h2.connection.H2Connection):
         return frames, events
 
     def _prepare_for_sending(self, frames: list[hyperframe.frame.Frame]) -> None:
-        # h2 serializes every frame and copies the result twice more (into its
-        # buffer, then out of it). A large DATA payload instead travels as its
-        # own chunk behind a hand-packed 9-byte header, all the way to sendmsg.
-        if not frames:
-            return
-        self._adopt_direct_output()
-        small: list[bytes] = []
-        for frame in frames:
-            data = getattr(frame, "data", None)
-            if (
-                type(frame) is hyperframe.frame.DataFrame
-                and data is not None
-                and len(data) >= _SEPARATE_PAYLOAD
-                and not frame.pad_length
-            ):
-                small.append(
-                    _DATA_HEADER.pack(
-                        len(data) >> 8,
-                        len(data) & 0xFF,
-                        0,
-                        _END_STREAM_FLAG if "END_STREAM" in frame.flags else 0,
-                        frame.stream_id,
-                    )
-                )
-                self._output.append(b"".join(small))
-                self._output.append(data)
-                small = []
-            else:
-                small.append(frame.serialize())
-        if small:
-            self._output.append(b"".join(small))
+        # h2 serializes into its own buffer, which take_output would copy again.
+        if frames:
+            self._adopt_direct_output()
+            self._output.append(b"".join(frame.serialize() for frame in frames))
 
-    def take_output(self) -> list[bytes]:
+    def take_output(self) -> list[bytes | memoryview]:
         """Return and clear everything queued for the peer, in order.
 
         This replaces ``data_to_send``, which only sees what h2 writes to
@@ -370,6 +577,16 @@ class _H2Connection(h2.connection.H2Connection):
         if stream is not None and stream.closed:
             del self.streams[stream_id]
             self._closed_streams[stream_id] = stream.closed_by
+
+
+def _is_informational(headers: HeaderSeq) -> bool:
+    # A 1xx response (h2's rule: pseudo-headers lead, :status among them).
+    for name, value in headers:
+        if not name.startswith(b":"):
+            return False
+        if name == b":status":
+            return value.startswith(b"1")
+    return False
 
 
 def _send_chunks(raw: socket.socket, chunks: Sequence[bytes | memoryview]) -> int:
@@ -1010,7 +1227,7 @@ class _Connection:
         if chunks:
             self._write(chunks)
 
-    def _write(self, chunks: list[bytes]) -> None:
+    def _write(self, chunks: list[bytes | memoryview]) -> None:
         if self._error is not None:
             return
         raw = self._raw
