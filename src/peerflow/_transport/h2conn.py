@@ -84,6 +84,8 @@ _HPACK_SEEN_ENTRIES = 256
 # sendmsg takes at most IOV_MAX (1024 on Linux) buffers per call.
 _MAX_SEND_CHUNKS = 64
 _EMPTY = b""
+# Header lists the fast paths take: plain sequences of plain 2-tuples.
+_HEADER_LISTS = (list, tuple)
 
 
 def _data_frame_body_repr(frame: hyperframe.frame.DataFrame) -> str:
@@ -144,10 +146,10 @@ class _CachingEncoder(hpack.Encoder):
 
     def encode(self, headers: Any, huffman: bool = True) -> bytes:
         table = self.header_table
-        # Only lists of plain 2-tuples: HeaderTuple subclasses (never-indexed)
+        # Only sequences of plain 2-tuples: HeaderTuple subclasses (never-indexed)
         # compare equal to plain tuples but must encode differently. A block
         # that announces a new table size is never reused.
-        if type(headers) is not list or not huffman or table.resized:
+        if type(headers) not in _HEADER_LISTS or not huffman or table.resized:
             return super().encode(headers, huffman)
         key = tuple(headers)
         reusable = all(type(field) is tuple and len(field) == 2 for field in key)
@@ -335,6 +337,7 @@ class _H2Connection(h2.connection.H2Connection):
     def __init__(self, config: h2.config.H2Configuration) -> None:
         self._output = []
         self._pending = bytearray()
+        self._client = config.client_side
         super().__init__(config=config)
         self.incoming_buffer = _FrameBuffer(server=not config.client_side)
         # Fresh HPACK contexts: nothing has been encoded or decoded yet.
@@ -425,11 +428,11 @@ class _H2Connection(h2.connection.H2Connection):
         priority_exclusive: bool | None = None,
     ) -> None:
         if (
-            type(headers) is not list
+            type(headers) not in _HEADER_LISTS
             or priority_weight is not None
             or priority_depends_on is not None
             or priority_exclusive is not None
-            or (not self.config.client_side and _is_informational(headers))
+            or (not self._client and _is_informational(headers))
         ):
             super().send_headers(
                 stream_id,
@@ -443,35 +446,48 @@ class _H2Connection(h2.connection.H2Connection):
         # The same checks and transitions as h2, in its order: the state
         # moves before the block is encoded, since encoding changes the HPACK
         # context for good.
-        if stream_id not in self.streams:
+        client = self._client
+        stream = self.streams.get(stream_id)
+        if stream is None:
             limit = self.remote_settings.max_concurrent_streams
             if self.open_outbound_streams + 1 > limit:
                 raise h2.exceptions.TooManyStreamsError(
                     f"Max outbound streams is {limit}, {self.open_outbound_streams} open"
                 )
         self.state_machine.process_input(ConnectionInputs.SEND_HEADERS)
-        stream = self._get_or_create_stream(stream_id, AllowedStreamIDs(self.config.client_side))
-        stream.state_machine.process_input(StreamInputs.SEND_HEADERS)
+        if stream is None:
+            stream = self._get_or_create_stream(stream_id, AllowedStreamIDs(client))
+        machine = stream.state_machine
+        machine.process_input(StreamInputs.SEND_HEADERS)
         block = self.encoder.encode(headers)
         if end_stream:
-            stream.state_machine.process_input(StreamInputs.SEND_END_STREAM)
-        if stream.state_machine.trailers_sent and not end_stream:
+            machine.process_input(StreamInputs.SEND_END_STREAM)
+        if machine.trailers_sent and not end_stream:
             raise h2.exceptions.ProtocolError("Trailers must have END_STREAM set.")
-        if self.config.client_side:
+        if client:
             if stream._authority is None:
                 stream._authority = authority_from_headers(headers)
             stream.request_method = extract_method_header(headers)
         self._adopt_direct_output()
-        step = self.max_outbound_frame_size
-        first = block[:step]
         flags = _END_STREAM_FLAG if end_stream else 0
-        if len(block) <= step:
-            flags |= _END_HEADERS_FLAG
-        parts = [_FRAME_HEADER.pack(len(first) >> 8, len(first) & 0xFF, _HEADERS, flags, stream_id)]
-        parts.append(first)
-        for start in range(step, len(block), step):
+        size = len(block)
+        step = self.max_outbound_frame_size
+        if size <= step:
+            self._output.append(
+                _FRAME_HEADER.pack(
+                    size >> 8, size & 0xFF, _HEADERS, flags | _END_HEADERS_FLAG, stream_id
+                )
+                + block
+            )
+            return
+        # A block beyond one frame continues in CONTINUATION frames.
+        parts = [
+            _FRAME_HEADER.pack(step >> 8, step & 0xFF, _HEADERS, flags, stream_id),
+            block[:step],
+        ]
+        for start in range(step, size, step):
             piece = block[start : start + step]
-            last = start + step >= len(block)
+            last = start + step >= size
             parts.append(
                 _FRAME_HEADER.pack(
                     len(piece) >> 8,
@@ -1386,7 +1402,8 @@ class _Connection:
         if data:
             stream._chunks.append((data, flow_length))
             stream._buffered += len(data)
-            stream._lot.unpark_all()
+            if stream._lot:  # an empty lot still costs a call chain
+                stream._lot.unpark_all()
         elif flow_length:
             self._acknowledge(event.stream_id, flow_length)
 
@@ -1394,7 +1411,8 @@ class _Connection:
         stream = self._streams.get(event.stream_id)
         if stream is not None:
             stream._remote_ended = True
-            stream._lot.unpark_all()
+            if stream._lot:
+                stream._lot.unpark_all()
             self._stream_progress(stream)
 
     def _on_stream_reset(self, event: h2.events.StreamReset) -> None:
@@ -1441,7 +1459,8 @@ class _Connection:
 
     def _stream_progress(self, stream: _Stream) -> None:
         if stream._local_ended and stream._remote_ended:
-            self._slot_lot.unpark_all()
+            if self._slot_lot:
+                self._slot_lot.unpark_all()
             if isinstance(stream, ClientStream):
                 self._release(stream)
 
@@ -1457,10 +1476,12 @@ class _Connection:
         if self._streams.pop(stream.stream_id, None) is None:
             return
         self._h2.forget(stream.stream_id)
-        self._slot_lot.unpark_all()
+        if self._slot_lot:
+            self._slot_lot.unpark_all()
         if not self._streams:
             self._idle_since = trio.current_time()
-            self._idle_lot.unpark_all()
+            if self._idle_lot:
+                self._idle_lot.unpark_all()
             if self._goaway_last_stream_id is not None:
                 self._terminate(
                     PeerTransportError(
@@ -1669,7 +1690,8 @@ class H2ClientConnection(_Connection):
         stream = self._streams.get(event.stream_id)
         if stream is not None:
             stream.response_headers = event.headers
-            stream._lot.unpark_all()
+            if stream._lot:
+                stream._lot.unpark_all()
 
     def _on_trailers(self, event: h2.events.TrailersReceived) -> None:
         stream = self._streams.get(event.stream_id)
