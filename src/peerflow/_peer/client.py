@@ -16,7 +16,7 @@ import trio
 
 from .._engine.events import Event, event_from_wire
 from .._refs.descriptor import RefLifetime
-from .._transport.h2conn import ClientStream, H2ClientConnection, open_h2_client
+from .._transport.h2conn import ClientStream, H2ClientConnection, Headers, open_h2_client
 from .._transport.listener import connect_tcp
 from .._transport.mapping import collapse_excgroups
 from .._wire import grpc
@@ -40,6 +40,7 @@ from .logs import PeerLogger
 
 __all__ = ["PeerClient", "StreamCall", "open_client_over", "parse_endpoint"]
 
+_CONTENT_TYPE: Final = grpc.CONTENT_TYPE.encode()
 M = TypeVar("M")
 
 _FROM_ENV: Final = object()
@@ -138,6 +139,7 @@ class PeerClient:
         if token is not None:
             headers.append(bearer_header(token))
         self._base_headers: Final = tuple(headers)
+        self._method_headers: dict[grpc.MethodSpec, tuple[tuple[bytes, bytes], ...]] = {}
 
     @staticmethod
     def connect(
@@ -370,26 +372,36 @@ class PeerClient:
         raise PeerTimeoutError(f"{method.name} timed out after {timeout:g}s")
 
     async def _unary_exchange(self, method: grpc.MethodSpec, request: bytes, cls: type[M]) -> M:
-        # The hot path of every call: no context-manager machinery, one stream.
+        # The hot path of every call: one stream read in place, with no
+        # iterator or context-manager objects and no extra checkpoint.
         stream = await self._conn.open_stream(self._headers_for(method), body=encode_frame(request))
         try:
+            _check_headers(method, await stream.receive_headers())
+            decoder = FrameDecoder(self._limits.max_message_size)
             result: M | None = None
-            async for raw in _Reader(stream, method, self._limits.max_message_size):
-                if result is not None:
-                    raise PeerTransportError(f"{method.name}: more than one response message")
-                result = decode_message(cls, raw)
+            while data := await stream.receive_data():
+                decoder.feed(bytes(data))
+                while (message := decoder.next_message()) is not NEED_DATA:
+                    if result is not None:
+                        raise PeerTransportError(f"{method.name}: more than one response message")
+                    result = decode_message(cls, message)
+            decoder.end_of_stream()
+            _raise_status(method, dict(stream.trailers or ()))
         finally:
-            await stream.aclose()
+            stream.close()
         if result is None:
             raise PeerTransportError(f"{method.name}: the peer sent no response message")
         return result
 
-    def _headers_for(self, method: grpc.MethodSpec) -> list[tuple[bytes, bytes]]:
-        headers = [(b":path", method.path.encode()), *self._base_headers]
+    def _headers_for(self, method: grpc.MethodSpec) -> tuple[tuple[bytes, bytes], ...]:
+        headers = self._method_headers.get(method)
+        if headers is None:
+            headers = ((b":path", method.path.encode()), *self._base_headers)
+            self._method_headers[method] = headers
         deadline = trio.current_effective_deadline()
         if deadline != math.inf:
             timeout = grpc.encode_grpc_timeout(deadline - trio.current_time())
-            headers.append((b"grpc-timeout", timeout.encode()))
+            headers = (*headers, (b"grpc-timeout", timeout.encode()))
         return headers
 
     @asynccontextmanager
@@ -435,28 +447,13 @@ class _Reader:
         self._started = False
         self._finished = False
 
-    async def _check_headers(self) -> None:
-        headers = dict(await self._stream.receive_headers())
-        status = headers.get(b":status", b"")
-        if b"grpc-status" in headers:  # a trailers-only response: an error, or empty
-            _raise_status(self._method, headers)
-        if status != b"200":
-            raise PeerTransportError(
-                f"{self._method.name}: peer answered HTTP {status.decode('latin-1')}, not gRPC"
-            )
-        content_type = headers.get(b"content-type", b"").decode("latin-1")
-        if not grpc.is_grpc_content_type(content_type):
-            raise PeerTransportError(
-                f"{self._method.name}: peer answered content-type {content_type!r}, not gRPC"
-            )
-
     def __aiter__(self) -> _Reader:
         return self
 
     async def __anext__(self) -> memoryview:
         if not self._started:
             self._started = True
-            await self._check_headers()
+            _check_headers(self._method, await self._stream.receive_headers())
         while not self._finished:
             message = self._decoder.next_message()
             if message is not NEED_DATA:
@@ -469,6 +466,24 @@ class _Reader:
             self._decoder.end_of_stream()
             _raise_status(self._method, dict(self._stream.trailers or ()))
         raise StopAsyncIteration
+
+
+def _check_headers(method: grpc.MethodSpec, received: Headers) -> None:
+    headers = dict(received)
+    if b"grpc-status" in headers:  # a trailers-only response: an error, or empty
+        _raise_status(method, headers)
+    status = headers.get(b":status", b"")
+    if status != b"200":
+        raise PeerTransportError(
+            f"{method.name}: peer answered HTTP {status.decode('latin-1')}, not gRPC"
+        )
+    content_type = headers.get(b"content-type", b"")
+    if content_type != _CONTENT_TYPE and not grpc.is_grpc_content_type(
+        content_type.decode("latin-1")
+    ):
+        raise PeerTransportError(
+            f"{method.name}: peer answered content-type {content_type!r}, not gRPC"
+        )
 
 
 def _raise_status(method: grpc.MethodSpec, trailers: dict[bytes, bytes]) -> None:

@@ -1037,13 +1037,21 @@ class ClientStream(_Stream):
             await self._lot.park()
         return self.response_headers
 
-    async def aclose(self) -> None:
-        """Release the stream, resetting it if the exchange is unfinished."""
+    def close(self) -> None:
+        """Release the stream, resetting it if the exchange is unfinished.
+
+        The synchronous form of :meth:`aclose`, for callers that have just
+        awaited the stream's end and need no further checkpoint.
+        """
         if not (self._local_ended and self._remote_ended):
             self.reset(ErrorCodes.CANCEL)
         else:
             self._conn._discard(self)
             self._conn._release(self)
+
+    async def aclose(self) -> None:
+        """Release the stream, resetting it if the exchange is unfinished."""
+        self.close()
         await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def __aenter__(self) -> ClientStream:
