@@ -119,7 +119,9 @@ class GrpcHandler:
             stream.send_headers([(b":status", b"405")], end_stream=True)
             return
         content_type = stream.content_type
-        if content_type is None or not grpc.is_grpc_content_type(content_type.decode("latin-1")):
+        if content_type != _CONTENT_TYPE and (
+            content_type is None or not grpc.is_grpc_content_type(content_type.decode("latin-1"))
+        ):
             stream.send_headers(
                 [(b":status", b"415"), (b"content-type", b"text/plain")], end_stream=False
             )

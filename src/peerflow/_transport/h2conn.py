@@ -640,22 +640,19 @@ def _h2_config(client_side: bool) -> h2.config.H2Configuration:
     )
 
 
-def _request_header_problem(headers: HeaderSeq, max_size: int) -> str | None:
+def _index_request_headers(headers: HeaderSeq, max_size: int) -> dict[bytes, bytes] | str:
+    """Map each request header name to its first value, or say what is wrong."""
     size = 0
-    seen = 0
+    index: dict[bytes, bytes] = {}
     for name, value in headers:
         size += len(name) + len(value) + 32
-        if name == b":method":
-            seen |= 1
-        elif name == b":path":
-            seen |= 2 if value else 0
-        elif name == b":scheme":
-            seen |= 4
+        if name not in index:
+            index[name] = value
     if size > max_size:
         return f"header list of {size} bytes exceeds the limit of {max_size}"
-    if seen != 7:
+    if b":method" not in index or not index.get(b":path") or b":scheme" not in index:
         return "request lacks :method, :path or :scheme"
-    return None
+    return index
 
 
 def _h2_failure(exc: h2.exceptions.H2Error, context: str) -> PeerTransportError:
@@ -887,20 +884,18 @@ class ServerStream(_Stream):
     RST_STREAM cancels (``reset_code`` then says why).
     """
 
-    def __init__(self, conn: _Connection, stream_id: int, headers: Headers) -> None:
+    def __init__(
+        self, conn: _Connection, stream_id: int, headers: Headers, index: dict[bytes, bytes]
+    ) -> None:
         super().__init__(conn, stream_id)
         self.headers = headers
         self._scope = trio.CancelScope()
-        self._header_map: dict[bytes, bytes] | None = None
+        self._index = index
         self._response_started = False
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of request header ``name`` (lowercase bytes), or None."""
-        if self._header_map is None:
-            self._header_map = {}
-            for key, value in self.headers:
-                self._header_map.setdefault(key, value)
-        return self._header_map.get(name)
+        return self._index.get(name)
 
     @property
     def method(self) -> bytes:
@@ -1597,12 +1592,12 @@ class H2ServerConnection(_Connection):
             self._h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
             return
         headers = event.headers
-        problem = _request_header_problem(headers, self._settings.max_header_list_size)
-        if problem is not None:
-            logger.debug("refusing stream %d: %s", stream_id, problem)
+        index = _index_request_headers(headers, self._settings.max_header_list_size)
+        if isinstance(index, str):
+            logger.debug("refusing stream %d: %s", stream_id, index)
             self._h2.reset_stream(stream_id, ErrorCodes.PROTOCOL_ERROR)
             return
-        stream = ServerStream(self, stream_id, headers)
+        stream = ServerStream(self, stream_id, headers, index)
         self._streams[stream_id] = stream
         assert self._nursery is not None
         self._nursery.start_soon(self._run_handler, stream)
