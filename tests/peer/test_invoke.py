@@ -44,6 +44,15 @@ async def test_unknown_step_raises_before_anything_runs(client: PeerClient, prob
     assert probe.ran == []
 
 
+async def test_a_repeated_step_id_runs_the_step_once_on_every_call(
+    client: PeerClient, probe: Probe
+) -> None:
+    for n in range(3):  # the second call reuses the workflow built by the first
+        response = await client.invoke_sub_workflow("w", ["echo", "echo"], n)
+        assert response.result == n
+    assert probe.ran == ["echo"] * 3
+
+
 async def test_input_that_cannot_travel_names_its_path(client: PeerClient) -> None:
     with pytest.raises(peerflow.PeerEncodeError) as info:
         await client.invoke_sub_workflow("w", ["echo"], {"rows": [1, 2, {"when": {1, 2}}]})

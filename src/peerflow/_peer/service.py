@@ -8,6 +8,7 @@ runs, refs, ownership and leases is decided here, once.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, final
 
@@ -94,7 +95,9 @@ class PeerService:
         self.refs = refs
         self.limits = limits
         self.leases = LeaseTable(refs)
-        self._workflows: dict[tuple[str, tuple[str, ...]], Workflow] = {}
+        self._workflows: dict[
+            tuple[str, tuple[str, ...]], tuple[Workflow, tuple[StepSpec, ...]]
+        ] = {}
 
     # -- invoke ----------------------------------------------------------------
 
@@ -104,21 +107,22 @@ class PeerService:
         Raises:
             PeerUnknownStepError: a step id is not registered here; nothing ran.
         """
-        key = (request.workflow_name, request.step_ids)
         specs: list[StepSpec] = []
         for step_id in request.step_ids:
             spec = self.steps.get(step_id)
             if spec is None:
                 raise PeerUnknownStepError(step_id)
             specs.append(spec)
+        key = (request.workflow_name, request.step_ids)
         cached = self._workflows.get(key)
         # Registered steps can be replaced at run time; reuse only an exact match.
-        if cached is not None and all(a is b for a, b in zip(cached.steps, specs, strict=True)):
-            return cached
+        if cached is not None and all(map(operator.is_, cached[1], specs)):
+            return cached[0]
         workflow = Workflow.from_steps(request.workflow_name, specs, registry=self.steps)
         if len(self._workflows) >= 1024:
             self._workflows.clear()
-        self._workflows[key] = workflow
+        # The specs as requested: a workflow holds a repeated step only once.
+        self._workflows[key] = (workflow, tuple(specs))
         return workflow
 
     def scope_for(self, request: InvokeSubWorkflowRequest, caller: Caller) -> Hashable:
@@ -148,25 +152,35 @@ class PeerService:
         workflow = self.assemble(request)
         if request.timeout_ms is not None:
             deadline = min(deadline, trio.current_time() + request.timeout_ms / 1000)
-        options: dict[str, Any] = {
-            "node_id": self.node_id,
-            "refs": self.refs,
-            "owner": caller.owner,
-            "parent_scope": self.scope_for(request, caller),
-            "deadline": None if deadline == math.inf else deadline,
-        }
+        parent_scope = self.scope_for(request, caller)
+        run_deadline = None if deadline == math.inf else deadline
         # Both blocks answer while the run's refs still exist: leaving them
         # purges the UNTIL_CONTEXT_DROP refs, whose bytes must ship first.
+        # (Keyword arguments spelt out: a dict splatted into them costs more.)
         outcome: RunResult | WorkflowError
         if on_event is None:
-            async with workflow.execute(request.input, **options) as run:
+            async with workflow.execute(
+                request.input,
+                node_id=self.node_id,
+                refs=self.refs,
+                owner=caller.owner,
+                parent_scope=parent_scope,
+                deadline=run_deadline,
+            ) as run:
                 try:
                     outcome = run.outcome()
                 except WorkflowError as exc:
                     outcome = exc
                 response = self._respond(request, deadline, outcome, run.created_refs())
             return response
-        async with workflow.start(request.input, **options) as handle:
+        async with workflow.start(
+            request.input,
+            node_id=self.node_id,
+            refs=self.refs,
+            owner=caller.owner,
+            parent_scope=parent_scope,
+            deadline=run_deadline,
+        ) as handle:
             async for event in handle.events():
                 await on_event(event)
             try:
