@@ -146,6 +146,23 @@ async def test_written_events_are_dropped_by_plain_run(registry: StepRegistry) -
     assert (await progress_workflow(registry).run()).result == "finished"
 
 
+async def test_events_written_after_the_run_ended_are_dropped(registry: StepRegistry) -> None:
+    wf = Workflow("late-writer", registry=registry)
+    contexts: list[Context] = []
+
+    @wf.step("s", StartEvent)
+    async def s(ev: StartEvent, ctx: Context) -> StopEvent:
+        contexts.append(ctx)
+        ctx.write_event_to_stream(Progress(1))
+        return StopEvent(None)
+
+    async with wf.start() as handle:
+        await handle.result()
+        # A context kept past the run's end writes to a closed stream: dropped.
+        contexts[0].write_event_to_stream(Progress(2))
+        assert [e.pct async for e in handle.events()] == [1]  # type: ignore[attr-defined]
+
+
 async def test_write_event_to_stream_rejects_non_events(registry: StepRegistry) -> None:
     wf = Workflow("bad-stream", registry=registry)
 

@@ -124,6 +124,38 @@ async def test_cancelled_run_leaves_no_refs(
     assert len(refs) == 0
 
 
+async def test_execute_holds_the_finished_runs_refs_for_its_block(
+    registry: StepRegistry, refs: SessionRefRegistry
+) -> None:
+    wf = ref_workflow(registry)
+    async with wf.execute(refs=refs) as run:
+        ids = run.outcome().result
+        assert [entry.ref_uuid for entry in run.created_refs()] == list(ids.values())
+        assert refs.get(ids["until_context_drop"]) == b"value-until_context_drop"
+    assert ids["until_context_drop"] not in {e.ref_uuid for e in refs.list_run(run.run_id)}
+    assert len(refs) == 2
+
+    async def answer_and_fail() -> None:
+        async with wf.execute(refs=refs):
+            assert len(refs) == 5
+            raise LookupError("the host failed while answering")
+
+    with pytest.raises(LookupError):
+        await answer_and_fail()
+    assert len(refs) == 4  # leaving the block still purged the run's context ref
+
+
+async def test_execute_purges_a_run_cancelled_from_outside(
+    registry: StepRegistry, refs: SessionRefRegistry
+) -> None:
+    entered = []
+    with trio.move_on_after(0.01):
+        async with ref_workflow(registry, then="hang").execute(refs=refs):
+            entered.append(True)
+    assert entered == []
+    assert len(refs) == 0
+
+
 async def test_refs_are_owned_by_the_runs_owner(
     registry: StepRegistry, refs: SessionRefRegistry
 ) -> None:

@@ -1,4 +1,4 @@
-"""The run loop: routing events to steps inside one nursery per run.
+"""The run loop: routing events to steps inside (at most) one nursery per run.
 
 A run's steps execute in the run's nursery, under a cancel scope carrying the
 workflow deadline. The hot path avoids a task per event where it can do so
@@ -6,6 +6,11 @@ without changing behaviour: when a handler returns, its task carries on with
 the first routed (step, event) pair itself and spawns tasks only for the
 rest. Events sent with ``ctx.send_event`` while a handler is still running
 always get their own tasks, so a sender never waits for its receivers.
+
+The nursery itself opens only once a step may suspend or two things are due
+at once: steps whose handlers cannot suspend (see ``steps.never_suspends``)
+run before it, and a run made of nothing else, such as a peer's echo, opens
+none at all.
 """
 
 from __future__ import annotations
@@ -94,6 +99,7 @@ class Run:
         workflow_name: str,
         routes: Routes,
         limits: dict[str, int],
+        inline: frozenset[str],
         input: Any,
         *,
         node_id: str,
@@ -109,23 +115,42 @@ class Run:
         self.node_id = node_id
         self.run_id = run_id
         self.state: dict[str, Any] = {}
-        self.refs = RefsView(refs, owner=owner, run_id=run_id, parent_scope=parent_scope)
+        self.registry = refs
+        self._owner = owner
+        self._parent_scope = parent_scope
+        self._refs: RefsView | None = None
         self.result: RunResult | None = None
         self.error: WorkflowError | None = None
-        self.ended = trio.Event()
         self._routes = routes
+        self._inline = inline
         self._input = input
         self._timeout = timeout
         self._deadline = deadline
         self._stream = stream
-        self._semaphores = {step_id: trio.Semaphore(n) for step_id, n in limits.items()}
+        self._semaphores = (
+            {step_id: trio.Semaphore(n) for step_id, n in limits.items()} if limits else {}
+        )
         self._buffers: dict[tuple[str, frozenset[str]], list[Event]] = {}
         self._nursery: trio.Nursery | None = None
+        # What was routed to a task of its own before the nursery was open.
+        self._unspawned: list[tuple[StepSpec, Event]] = []
         self._stopped = False
         self._sending = False
         self._stop_value: Any = None
         # Set once the outcome is decided; later results and errors are moot.
         self._decided = False
+
+    @property
+    def refs(self) -> RefsView:
+        """The run's window on its ref registry, ``ctx.refs``; made on first use."""
+        if self._refs is None:
+            self._refs = RefsView(
+                self.registry,
+                owner=self._owner,
+                run_id=self.run_id,
+                parent_scope=self._parent_scope,
+            )
+        return self._refs
 
     # -- driving -------------------------------------------------------------
 
@@ -135,29 +160,16 @@ class Run:
         Raises only what is not an engine failure: cancellation from outside
         and BaseExceptions such as KeyboardInterrupt (one, never a group).
         """
-        started = trio.current_time()
-        deadline = math.inf if self._deadline is None else self._deadline
-        if self._timeout is not None:
-            deadline = min(deadline, started + self._timeout)
         try:
-            if deadline <= started:
-                timed_out = True  # a caller's deadline that has passed: run nothing
-            elif deadline == math.inf:
-                # No deadline: spare the hot path a cancel scope that never fires.
-                timed_out = False
-                await self._run_steps()
-            else:
-                with trio.CancelScope(deadline=deadline) as deadline_scope:
-                    await self._run_steps()
-                timed_out = deadline_scope.cancelled_caught
+            ran_out = await self._run_in_time()
             if self._stopped:
                 # Built only now, so refs inserted while the steps were being
                 # cancelled are accounted for too.
                 self.result = self._build_result()
             elif not self._decided:
                 self._decided = True
-                if timed_out:
-                    self.error = WorkflowTimeoutError(self.workflow_name, deadline - started)
+                if ran_out is not None:
+                    self.error = WorkflowTimeoutError(self.workflow_name, ran_out)
                 else:
                     self.error = WorkflowError(
                         f"workflow {self.workflow_name!r} ended without a StopEvent: "
@@ -171,16 +183,54 @@ class Run:
         finally:
             if self._stream is not None:
                 self._stream.close()
+                # A step may have handed its context to a task outliving the run.
+                self._stream = None
             if self.error is None and self.result is None:
                 self._decided = True
-            self.ended.set()
+
+    async def _run_in_time(self) -> float | None:
+        """Run the steps within the run's deadline; return the time limit they ran out of."""
+        if self._timeout is None and self._deadline is None:
+            # No deadline: spare the hot path the clock and a cancel scope.
+            await self._run_steps()
+            return None
+        started = trio.current_time()
+        deadline = math.inf if self._deadline is None else self._deadline
+        if self._timeout is not None:
+            deadline = min(deadline, started + self._timeout)
+        if deadline <= started:
+            return deadline - started  # a caller's deadline that has passed: run nothing
+        if deadline == math.inf:
+            await self._run_steps()
+            return None
+        with trio.CancelScope(deadline=deadline) as deadline_scope:
+            await self._run_steps()
+        return deadline - started if deadline_scope.cancelled_caught else None
 
     async def _run_steps(self) -> None:
+        pair = self._route((StartEvent(self._input),))
+        # A handler that cannot suspend gives no other task a chance to run
+        # before it returns, so until one that may suspend comes up, or two
+        # things are due at once, the nursery would only cost time: its
+        # scope, its objects and the schedule point of its exit. Events routed
+        # meanwhile wait in _unspawned; their tasks could not have started
+        # before the handler returned anyway.
+        while pair is not None and pair[0].step_id in self._inline and not self._unspawned:
+            outputs = await self._invoke(*pair)
+            pair = None if outputs is None else self._route(outputs)
+        if pair is None and not self._unspawned:
+            return
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            first = self._route((StartEvent(self._input),))
-            if first is not None:
-                await self._drive(*first)
+            for waiting in self._unspawned:
+                nursery.start_soon(self._drive, *waiting)
+            self._unspawned.clear()
+            if self._decided:
+                # The outcome came before their tasks did: _cancel found no
+                # nursery to cancel then.
+                nursery.cancel_scope.cancel()
+            if pair is not None:
+                await self._drive(*pair)
 
     async def _drive(self, step: StepSpec, event: Event) -> None:
         # Carry on inline with the first routed pair while there is one.
@@ -195,11 +245,13 @@ class Run:
         ctx = Context(self, step.step_id, event)
         semaphore = self._semaphores.get(step.step_id) if self._semaphores else None
         try:
-            if semaphore is None:
-                out = await self._call(step, event, ctx)
-            else:
+            if semaphore is not None:
                 async with semaphore:
                     out = await self._call(step, event, ctx)
+            elif step.timeout is None:
+                out = await step.handler(event, ctx)  # _call's plain case, one frame fewer
+            else:
+                out = await self._call(step, event, ctx)
         except Exception as exc:
             self._fail(StepError(step.step_id, exc))
             return None
@@ -252,8 +304,10 @@ class Run:
         return first
 
     def _spawn(self, step: StepSpec, event: Event) -> None:
-        assert self._nursery is not None
-        self._nursery.start_soon(self._drive, step, event)
+        if self._nursery is None:
+            self._unspawned.append((step, event))
+        else:
+            self._nursery.start_soon(self._drive, step, event)
 
     def send(self, event: Event) -> None:
         """Route ``event`` with a task of its own per accepting step."""
@@ -269,7 +323,7 @@ class Run:
 
     def publish(self, event: Event) -> None:
         """Hand ``event`` to the observers, if the run has any."""
-        if self._stream is not None and not self.ended.is_set():
+        if self._stream is not None:
             self._stream.send_nowait(event)
 
     def collect_buffer(self, step_id: str, names: frozenset[str]) -> list[Event]:
@@ -287,7 +341,7 @@ class Run:
     def _build_result(self) -> RunResult:
         refs = {
             entry.ref_uuid: entry.descriptor
-            for entry in self.refs.registry.list_run(self.run_id)
+            for entry in self.registry.list_run(self.run_id)
             if entry.descriptor.lifetime is not _CONTEXT
         }
         return RunResult(self.run_id, self._stop_value, self.state, refs)
@@ -303,6 +357,10 @@ class Run:
         # The nursery's body drives steps inline and ends on its own once a
         # returning step decides the outcome: then only child tasks need
         # cancelling. A needless cancel costs a Cancelled raised and caught.
+        # Before the nursery opens there is nothing to cancel: the one step
+        # running cannot suspend, so it never reaches a cancel point (only
+        # trio.current_effective_deadline() could tell it apart), and tasks
+        # routed meanwhile are cancelled as the nursery opens.
         nursery = self._nursery
         if nursery is not None and (nursery.child_tasks or self._sending):
             nursery.cancel_scope.cancel()
@@ -322,14 +380,13 @@ class Run:
 
     def created_refs(self) -> list[RefEntry]:
         """List the refs this run created that are still stored, oldest first."""
-        return self.refs.registry.list_run(self.run_id)
+        return self.registry.list_run(self.run_id)
 
     def release_refs(self) -> None:
         """Purge what must not outlive the run; after failure, everything it created."""
-        registry = self.refs.registry
-        registry.purge_run(self.run_id, all_lifetimes=self.result is None)
+        self.registry.purge_run(self.run_id, all_lifetimes=self.result is None)
         # Local child runs bind their UNTIL_PARENT_FINISH refs to their parent's id.
-        registry.drop_scope(self.run_id)
+        self.registry.drop_scope(self.run_id)
 
 
 @final
@@ -344,6 +401,7 @@ class WorkflowHandle:
     def __init__(self, run: Run, events: trio.MemoryReceiveChannel[Event]) -> None:
         self._run = run
         self._events = events
+        self._ended = trio.Event()
         self._nursery_manager: AbstractAsyncContextManager[trio.Nursery] | None = None
 
     @property
@@ -374,7 +432,7 @@ class WorkflowHandle:
                 ``WorkflowTimeoutError``, ``StepTimeoutError``,
                 ``UnroutableEventError``).
         """
-        await self._run.ended.wait()
+        await self._ended.wait()
         return self._run.outcome()
 
     def created_refs(self) -> list[RefEntry]:
@@ -390,8 +448,14 @@ class WorkflowHandle:
             raise RuntimeError("a WorkflowHandle can be entered only once")
         self._nursery_manager = trio.open_nursery()
         nursery = await self._nursery_manager.__aenter__()
-        nursery.start_soon(self._run.main)
+        nursery.start_soon(self._main)
         return self
+
+    async def _main(self) -> None:
+        try:
+            await self._run.main()
+        finally:
+            self._ended.set()
 
     async def __aexit__(
         self,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dis
+import inspect
+import types
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias, final
 
@@ -13,7 +16,14 @@ from .events import Event, event_type_name
 if TYPE_CHECKING:
     from .context import Context
 
-__all__ = ["AcceptsSpec", "Handler", "StepRegistry", "StepSpec", "normalize_accepts"]
+__all__ = [
+    "AcceptsSpec",
+    "Handler",
+    "StepRegistry",
+    "StepSpec",
+    "never_suspends",
+    "normalize_accepts",
+]
 
 #: ``async def handler(event, ctx) -> Event | list[Event] | None``.
 Handler: TypeAlias = Callable[[Any, "Context"], Awaitable["Event | Sequence[Event] | None"]]
@@ -35,6 +45,29 @@ def normalize_accepts(accepts: AcceptsSpec) -> tuple[str, ...]:
     if not names:
         raise ValueError("a step must accept at least one event type")
     return names
+
+
+# A coroutine's frame suspends only at a yield instruction of its own code:
+# every await, async for and async with compiles to one (YIELD_FROM up to
+# 3.10, YIELD_VALUE since 3.11).
+_SUSPENDING_OPS = frozenset({"YIELD_VALUE", "YIELD_FROM"})
+
+
+def never_suspends(handler: Handler) -> bool:
+    """Return True if ``handler`` is an ``async def`` whose body cannot suspend.
+
+    Such a handler has no ``await``, ``async for`` or ``async with``: awaiting
+    it runs it to its end with no checkpoint, so no other task runs meanwhile.
+    Anything else (other callables, wrappers that await) gives False.
+    """
+    if isinstance(handler, types.MethodType):
+        handler = handler.__func__
+    if not isinstance(handler, types.FunctionType):
+        return False
+    code = handler.__code__
+    if not code.co_flags & inspect.CO_COROUTINE:
+        return False
+    return all(op.opname not in _SUSPENDING_OPS for op in dis.get_instructions(code))
 
 
 @final

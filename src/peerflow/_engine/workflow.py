@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import AsyncIterator, Callable, Hashable, Iterable
-from contextlib import asynccontextmanager
-from types import EllipsisType
+from collections.abc import Callable, Hashable, Iterable
+from contextlib import AbstractAsyncContextManager
+from types import EllipsisType, TracebackType
 from typing import Any, TypeVar, final
 
 import trio
 
+from .._refs.ids import new_uuid4
 from .._refs.registry import SessionRefRegistry
 from ..errors import DuplicateStepError
 from .events import Event
 from .run import Routes, Run, RunResult, WorkflowHandle
-from .steps import AcceptsSpec, Handler, StepRegistry, StepSpec, normalize_accepts
+from .steps import AcceptsSpec, Handler, StepRegistry, StepSpec, never_suspends, normalize_accepts
 
 __all__ = ["Workflow"]
 
@@ -52,6 +52,7 @@ class Workflow:
         self._steps: dict[str, StepSpec] = {}
         self._routes: Routes | None = None
         self._limits: dict[str, int] = {}
+        self._inline: frozenset[str] = frozenset()
 
     @classmethod
     def from_steps(
@@ -136,7 +137,7 @@ class Workflow:
         self._steps[spec.step_id] = spec
         self._routes = None
 
-    def _routing(self) -> tuple[Routes, dict[str, int]]:
+    def _routing(self) -> tuple[Routes, dict[str, int], frozenset[str]]:
         if self._routes is None:
             routes: dict[str, list[StepSpec]] = {}
             for spec in self._steps.values():
@@ -148,7 +149,13 @@ class Workflow:
                 for spec in self._steps.values()
                 if spec.max_concurrency is not None
             }
-        return self._routes, self._limits
+            # Steps a run may execute before it opens its nursery. A slot wait
+            # (max_concurrency) happens before the handler starts, when the run
+            # has no other task, and a step timeout is the step's own scope.
+            self._inline = frozenset(
+                spec.step_id for spec in self._steps.values() if never_suspends(spec.handler)
+            )
+        return self._routes, self._limits, self._inline
 
     def _new_run(
         self,
@@ -165,14 +172,15 @@ class Workflow:
     ) -> Run:
         if refs is None:
             refs = SessionRefRegistry.default()
-        routes, limits = self._routing()
+        routes, limits, inline = self._routing()
         return Run(
             self.name,
             routes,
             limits,
+            inline,
             input,
             node_id=refs.node_id if node_id is None else node_id,
-            run_id=str(uuid.uuid4()) if run_id is None else run_id,
+            run_id=new_uuid4() if run_id is None else run_id,
             refs=refs,
             owner=owner,
             parent_scope=parent_scope,
@@ -232,8 +240,7 @@ class Workflow:
         ) as run:
             return run.outcome()
 
-    @asynccontextmanager
-    async def execute(
+    def execute(
         self,
         input: Any = None,
         *,
@@ -244,13 +251,14 @@ class Workflow:
         parent_scope: Hashable = None,
         timeout: float | EllipsisType | None = ...,
         deadline: float | None = None,
-    ) -> AsyncIterator[Run]:
+    ) -> AbstractAsyncContextManager[Run]:
         """Run to the end, then hold the finished run open for the block.
 
         For hosts (a peer server) that must read what a run left behind,
         such as its ``UNTIL_CONTEXT_DROP`` refs, before they are purged on
-        leaving the block. ``run.outcome()`` gives the result or raises. The
-        arguments are those of :meth:`run`, which is built on this.
+        leaving the block: ``async with workflow.execute(input) as run:``.
+        ``run.outcome()`` gives the result or raises. The arguments are
+        those of :meth:`run`, which is built on this.
         """
         run = self._new_run(
             input,
@@ -263,11 +271,7 @@ class Workflow:
             timeout=timeout,
             deadline=deadline,
         )
-        try:
-            await run.main()
-            yield run
-        finally:
-            run.release_refs()
+        return _Execution(run)
 
     def start(
         self,
@@ -305,3 +309,33 @@ class Workflow:
 
     def __repr__(self) -> str:
         return f"<Workflow {self.name!r} steps={list(self._steps)}>"
+
+
+@final
+class _Execution:
+    """What :meth:`Workflow.execute` returns: the run happens on entering.
+
+    A class rather than ``@asynccontextmanager``, whose generator machinery
+    is a measurable share of a peer call's cost.
+    """
+
+    __slots__ = ("_run",)
+
+    def __init__(self, run: Run) -> None:
+        self._run = run
+
+    async def __aenter__(self) -> Run:
+        try:
+            await self._run.main()
+        except BaseException:
+            self._run.release_refs()
+            raise
+        return self._run
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._run.release_refs()

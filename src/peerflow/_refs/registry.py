@@ -19,7 +19,6 @@ holds no locks, and it does not import trio.
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar, final
@@ -28,6 +27,7 @@ import attrs
 
 from ..errors import RefCapacityError, RefNotFoundError, RefNotSerializableError
 from .descriptor import RefLifetime, RemoteRefDescriptor
+from .ids import new_uuid4
 from .serializers import BytesLike, serializer_for_type, type_name
 
 __all__ = ["RefEntry", "RefRegistryStatistics", "RefsView", "SessionRefRegistry"]
@@ -170,7 +170,7 @@ class SessionRefRegistry:
             size=_payload_size(value),
             serializable=serializer is not None,
         )
-        ref_uuid = str(uuid.uuid4())
+        ref_uuid = new_uuid4()
         scope = parent_scope if lifetime is _PARENT else None
         self._entries[ref_uuid] = RefEntry(ref_uuid, value, descriptor, owner, run_id, scope)
         self._owner_counts[owner] = held + 1
