@@ -4,14 +4,16 @@ Scenarios, each measured as completed runs per second in one ``trio.run``:
 
 - linear: StartEvent -> step 1 -> step 2 -> step 3 -> StopEvent;
 - fan-out/fan-in: one step sends 100 events, 100 workers answer, one step
-  collects the 100 answers with ``ctx.collect_events`` and stops.
+  collects the 100 answers with ``ctx.collect_events`` and stops;
+- echo: one step that returns a StopEvent without awaiting anything, the
+  shape of a peer's echo sub-workflow (the engine runs it with no nursery).
 
-Each step handler makes one trio checkpoint, the least real async work a step
-can do. The plain-trio floor calls the very same handlers directly: in
-sequence inside one nursery for the linear case, as 100 tasks in a nursery
-for the fan-out case.
+Each step handler of the first two makes one trio checkpoint, the least real
+async work a step can do. The plain-trio floor calls the very same handlers
+directly: in sequence inside one nursery for the linear and echo cases, as
+100 tasks in a nursery for the fan-out case.
 
-Usage: ``python3 benchmarks/engine.py [--seconds 1.0] [--profile linear|fanout]``
+Usage: ``python3 benchmarks/engine.py [--seconds 1.0] [--profile linear|fanout|echo]``
 """
 
 from __future__ import annotations
@@ -67,6 +69,10 @@ async def finish(ev: Summarized, ctx: Any) -> StopEvent:
     return StopEvent(ev.value)
 
 
+async def echo(ev: StartEvent, ctx: Any) -> StopEvent:
+    return StopEvent(ev.data)
+
+
 async def worker(ev: Job, ctx: Any) -> Answer:
     await trio.lowlevel.checkpoint()
     return Answer(ev.n * 2)
@@ -77,6 +83,12 @@ def build_linear() -> Workflow:
     wf.add_step("analyze", StartEvent, analyze)
     wf.add_step("summarize", Analyzed, summarize)
     wf.add_step("finish", Summarized, finish)
+    return wf
+
+
+def build_echo() -> Workflow:
+    wf = Workflow("bench.echo", registry=StepRegistry())
+    wf.add_step("echo", StartEvent, echo)
     return wf
 
 
@@ -105,6 +117,13 @@ async def plain_linear(x: int) -> int:
         a = await analyze(StartEvent(x), None)
         s = await summarize(a, None)
         stop = await finish(s, None)
+    result: int = stop.result
+    return result
+
+
+async def plain_echo(x: int) -> int:
+    async with trio.open_nursery():
+        stop = await echo(StartEvent(x), None)
     result: int = stop.result
     return result
 
@@ -142,6 +161,7 @@ async def measure(once: Callable[[int], Awaitable[int]], seconds: float, expect:
 async def main(seconds: float) -> None:
     linear = build_linear()
     fanout = build_fanout()
+    echoing = build_echo()
 
     async def engine_linear(x: int) -> int:
         result: int = (await linear.run(x)).result
@@ -151,11 +171,16 @@ async def main(seconds: float) -> None:
         result: int = (await fanout.run(x)).result
         return result
 
+    async def engine_echo(x: int) -> int:
+        result: int = (await echoing.run(x)).result
+        return result
+
     fan_expect = sum(2 * n for n in range(FAN))
     rows = []
     for name, engine, plain, expect in (
         ("linear, 3 steps", engine_linear, plain_linear, 4),
         (f"fan-out/fan-in x{FAN}", engine_fanout, plain_fanout, fan_expect),
+        ("echo, 1 step, no await", engine_echo, plain_echo, 1),
     ):
         # Interleaved rounds, best of each: other load on the machine only
         # ever slows a round down.
@@ -174,7 +199,7 @@ async def main(seconds: float) -> None:
 
 
 def profile(which: str, seconds: float) -> None:
-    wf = build_linear() if which == "linear" else build_fanout()
+    wf = {"linear": build_linear, "fanout": build_fanout, "echo": build_echo}[which]()
 
     async def loop() -> None:
         deadline = time.perf_counter() + seconds
@@ -191,7 +216,9 @@ def profile(which: str, seconds: float) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=1.0, help="per measurement round")
-    parser.add_argument("--profile", choices=["linear", "fanout"], help="cProfile one scenario")
+    parser.add_argument(
+        "--profile", choices=["linear", "fanout", "echo"], help="cProfile one scenario"
+    )
     args = parser.parse_args()
     if args.profile:
         profile(args.profile, args.seconds)
