@@ -289,29 +289,37 @@ async def test_streams_beyond_a_small_limit_are_refused_and_the_rest_served() ->
 # --- 12. RST_STREAM flood ---------------------------------------------------------
 
 
-async def test_a_rst_stream_flood_leaves_no_runs_and_others_are_served() -> None:
+@pytest.mark.parametrize("budget", [100, 1_000_000])
+async def test_a_rst_stream_flood_leaves_no_runs_and_others_are_served(budget: int) -> None:
+    # With a small reset budget the flooder is cut off (refilling 100 a
+    # second, 5,000 resets would take 49 s); with a huge one, every reset
+    # stream must still be forgotten.
     block = header_block(grpc_headers())
     body = grpc_message(invoke_envelope(["sleep"], 30))
     streams = 5_000
     with trio.fail_after(30):
-        async with running_server() as (server, address):
+        async with running_server(Limits(reset_budget=budget)) as (server, address):
             stream = await trio.open_tcp_stream(address.host, address.port)
             async with stream:
                 await stream.send_all(H2_PREFACE + settings_frame())
                 reader = FrameReader(stream)
                 for batch in range(0, streams, 500):
                     # Each stream starts a 30 s run, then is reset at once.
-                    await stream.send_all(
-                        b"".join(
-                            raw_frame(HEADERS, END_HEADERS, sid, block)
-                            + raw_frame(DATA, END_STREAM, sid, body)
-                            + raw_frame(RST_STREAM, 0, sid, struct.pack(">I", Codes.CANCEL))
-                            for sid in range(2 * batch + 1, 2 * (batch + 500) + 1, 2)
+                    try:
+                        await stream.send_all(
+                            b"".join(
+                                raw_frame(HEADERS, END_HEADERS, sid, block)
+                                + raw_frame(DATA, END_STREAM, sid, body)
+                                + raw_frame(RST_STREAM, 0, sid, struct.pack(">I", Codes.CANCEL))
+                                for sid in range(2 * batch + 1, 2 * (batch + 500) + 1, 2)
+                            )
                         )
-                    )
+                    except trio.BrokenResourceError:
+                        break  # the reset budget ran out: GOAWAY, then closed
                     # Others are served while the flood goes on.
                     await assert_good_call(address, batch)
-                await stream.send_all(raw_frame(PING, 0, 0, b"flooding"))
+                with contextlib.suppress(trio.BrokenResourceError):
+                    await stream.send_all(raw_frame(PING, 0, 0, b"flooding"))
                 goaway = None
                 while not reader.closed:
                     frames = await reader.frames()
@@ -323,7 +331,11 @@ async def test_a_rst_stream_flood_leaves_no_runs_and_others_are_served() -> None
                         for f in frames
                     ):
                         break
-                if goaway is None:
+                assert (goaway is not None) == (budget < streams)
+                if goaway is not None:
+                    (frame,) = [f for f in goaway if isinstance(f, hyperframe.frame.GoAwayFrame)]
+                    assert frame.error_code == Codes.ENHANCE_YOUR_CALM
+                else:
                     # Every reset stream is forgotten: no handler, no run, no ref.
                     (conn,) = [c for c in server_connections(server) if not c.closed]
                     await trio.testing.wait_all_tasks_blocked()

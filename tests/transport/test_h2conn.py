@@ -648,6 +648,37 @@ async def test_response_header_block_larger_than_a_frame_is_continued() -> None:
         assert stream.trailers == TRAILERS
 
 
+async def test_raw_reset_budget_refills_then_cuts_off_a_flood(autojump_clock: object) -> None:
+    async def sleeper(stream: ServerStream) -> None:
+        await trio.sleep_forever()
+
+    settings = H2Settings(reset_budget=5)
+    peer, server_side = await _raw_client()
+    stream_ids = iter(range(1, 1000, 2))
+
+    async def open_and_reset(count: int) -> None:
+        for _ in range(count):
+            stream_id = next(stream_ids)
+            peer.h2.send_headers(stream_id, REQUEST)
+            peer.h2.reset_stream(stream_id)
+        await peer.flush()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_h2_connection, server_side, sleeper, settings)
+        await peer.wait_for(h2.events.RemoteSettingsChanged)
+        await open_and_reset(5)
+        await trio.sleep(1)  # the budget refills by 5 a second
+        await open_and_reset(5)
+        assert peer.h2.ping(b"still ok") is None
+        await peer.flush()
+        await peer.wait_for(h2.events.PingAckReceived)
+        await open_and_reset(6)
+        terminated = await peer.wait_for(h2.events.ConnectionTerminated)
+        assert terminated.error_code == ErrorCodes.ENHANCE_YOUR_CALM
+        await peer.read_until_closed()
+        nursery.cancel_scope.cancel()
+
+
 def test_settings_reject_out_of_range_values() -> None:
     with pytest.raises(ValueError, match="max_frame_size"):
         H2Settings(max_frame_size=1000)

@@ -49,6 +49,9 @@ class Limits:
         lease_grace: how long the ``UNTIL_PARENT_FINISH`` refs of a caller
             that vanished without a lease survive its connection.
         drain_grace: how long in-flight calls may run on after shutdown starts.
+        reset_budget: calls one connection may cancel (RST_STREAM) in a
+            burst, refilled by as many each second; a connection that
+            cancels faster is closed with GOAWAY(ENHANCE_YOUR_CALM).
 
     Raises:
         ValueError: a value is not positive.
@@ -73,6 +76,7 @@ class Limits:
     max_lease_ttl: float = attrs.field(default=3600.0, validator=_positive)
     lease_grace: float = attrs.field(default=60.0, validator=_positive)
     drain_grace: float = attrs.field(default=10.0, validator=_positive)
+    reset_budget: int = attrs.field(default=1000, validator=_positive)
 
     def h2_settings(self, *, server: bool) -> H2Settings:
         """The HTTP/2 connection settings these limits imply."""
@@ -86,4 +90,5 @@ class Limits:
             idle_timeout=self.idle_timeout if server else None,
             handshake_timeout=self.handshake_timeout,
             grace_period=self.drain_grace,
+            reset_budget=self.reset_budget if server else None,
         )

@@ -57,6 +57,11 @@ class H2Settings:
         handshake_timeout: seconds the peer has to send its preface and
             SETTINGS (None: wait forever).
         grace_period: seconds in-flight streams get to finish after GOAWAY.
+        reset_budget: RST_STREAM frames a client may send a server in a
+            burst; the budget refills by as many again each second. A
+            client that overdraws it (the "rapid reset" attack, where each
+            stream costs the server a task and costs the client nothing) gets
+            GOAWAY(ENHANCE_YOUR_CALM) and is disconnected. None: no budget.
 
     Raises:
         ValueError: a value is outside what HTTP/2 allows.
@@ -74,3 +79,4 @@ class H2Settings:
     idle_timeout: float | None = attrs.field(default=None, validator=_positive)
     handshake_timeout: float | None = attrs.field(default=10.0, validator=_positive)
     grace_period: float = attrs.field(default=5.0, validator=_positive)
+    reset_budget: int | None = attrs.field(default=1000, validator=_positive)

@@ -1109,6 +1109,8 @@ class _Connection:
         self._going_away = False
         self._goaway_last_stream_id: int | None = None
         self._protocol_error: PeerTransportError | None = None
+        self._reset_tokens = float(settings.reset_budget or 0)
+        self._reset_stamp = 0.0
         self._dispatch: dict[type[h2.events.Event], Callable[[Any], None]] = {
             h2.events.DataReceived: self._on_data,
             h2.events.StreamEnded: self._on_stream_ended,
@@ -1158,7 +1160,7 @@ class _Connection:
             self._raw = socket.socket(fileno=stream.socket.fileno())
             self._raw.setblocking(False)
         now = trio.current_time()
-        self._last_activity = self._idle_since = now
+        self._last_activity = self._idle_since = self._reset_stamp = now
         try:
             with self._guard:
                 async with trio.open_nursery() as nursery:
@@ -1393,7 +1395,8 @@ class _Connection:
             if handler is not None:
                 handler(event)
         self._flush()
-        return True
+        # A handler may have given up on the peer (see _charge_reset).
+        return self._protocol_error is None
 
     def _on_data(self, event: h2.events.DataReceived) -> None:
         stream = self._streams.get(event.stream_id)
@@ -1419,6 +1422,8 @@ class _Connection:
             self._stream_progress(stream)
 
     def _on_stream_reset(self, event: h2.events.StreamReset) -> None:
+        if not self._client_side and self._settings.reset_budget is not None:
+            self._charge_reset(self._settings.reset_budget)
         stream = self._streams.get(event.stream_id)
         if stream is not None:
             stream._on_reset(event.error_code)
@@ -1426,6 +1431,21 @@ class _Connection:
             if isinstance(stream, ClientStream):
                 self._release(stream)
         self._slot_lot.unpark_all()
+
+    def _charge_reset(self, budget: int) -> None:
+        # A token bucket: a burst of `budget` resets, refilled by `budget` per
+        # second. Opening a stream and resetting it at once costs the client
+        # nothing but costs us a handler task (CVE-2023-44487).
+        now = trio.current_time()
+        tokens = self._reset_tokens + (now - self._reset_stamp) * budget
+        self._reset_tokens = min(float(budget), tokens) - 1
+        self._reset_stamp = now
+        if self._reset_tokens < 0 and self._protocol_error is None:
+            logger.warning("peer reset streams faster than its budget allows; closing")
+            self._h2.close_connection(ErrorCodes.ENHANCE_YOUR_CALM)
+            self._protocol_error = PeerTransportError(
+                "peer reset streams faster than its budget allows (HTTP/2 rapid reset)"
+            )
 
     def _on_window_updated(self, event: h2.events.WindowUpdated) -> None:
         self._window_lot.unpark_all()
