@@ -38,6 +38,7 @@ class Probe:
     started: trio.Event = attrs.field(factory=trio.Event)
     finished: bool = False
     cancelled: bool = False
+    stopped: trio.Event = attrs.field(factory=trio.Event)
     deadline: float | None = None
     gate: trio.Event = attrs.field(factory=trio.Event)
 
@@ -90,6 +91,7 @@ def build_steps(probe: Probe) -> StepRegistry:
             await trio.sleep(event.data)
         except trio.Cancelled:
             probe.cancelled = True
+            probe.stopped.set()
             raise
         probe.finished = True
         return StopEvent(result="slept")
