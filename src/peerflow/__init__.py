@@ -50,6 +50,7 @@ from .errors import PeerRefNotSerializableError as PeerRefNotSerializableError
 from .errors import PeerTimeoutError as PeerTimeoutError
 from .errors import PeerTlsError as PeerTlsError
 from .errors import PeerTransportError as PeerTransportError
+from .errors import PeerUnavailableError as PeerUnavailableError
 from .errors import PeerUnknownStepError as PeerUnknownStepError
 from .errors import PeerWorkflowError as PeerWorkflowError
 from .errors import RefCapacityError as RefCapacityError
@@ -84,6 +85,7 @@ __all__ = [
     "PeerTimeoutError",
     "PeerTlsError",
     "PeerTransportError",
+    "PeerUnavailableError",
     "PeerUnknownStepError",
     "PeerWorkflowError",
     "PeerflowError",

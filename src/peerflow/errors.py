@@ -20,6 +20,7 @@ __all__ = [
     "PeerTimeoutError",
     "PeerTlsError",
     "PeerTransportError",
+    "PeerUnavailableError",
     "PeerUnknownStepError",
     "PeerWorkflowError",
     "PeerflowError",
@@ -227,6 +228,16 @@ class PeerTransportError(PeerError):
 
 class PeerTimeoutError(PeerTransportError):
     """The call's deadline passed before the peer answered."""
+
+
+class PeerUnavailableError(PeerTransportError):
+    """The call never started on the peer, so it is safe to retry.
+
+    The connection was already closed or going away (GOAWAY), the peer
+    refused the stream (RST_STREAM REFUSED_STREAM), or it (or a proxy in
+    front of it) answered gRPC UNAVAILABLE. :class:`~peerflow.PeerPool` fails
+    such calls over to another peer.
+    """
 
 
 class PeerEncodeError(PeerError, ValueError):

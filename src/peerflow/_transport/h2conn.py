@@ -39,7 +39,7 @@ from h2.connection import AllowedStreamIDs, ConnectionInputs
 from h2.stream import StreamInputs
 from h2.utilities import authority_from_headers, extract_method_header
 
-from ..errors import PeerTimeoutError, PeerTransportError
+from ..errors import PeerTimeoutError, PeerTransportError, PeerUnavailableError
 from .config import H2Settings
 from .mapping import collapse_excgroups, to_peer_error
 
@@ -736,11 +736,9 @@ class _Stream:
 
     def _on_reset(self, code: int) -> None:
         self._reset_code = code
-        self._fail(
-            PeerTransportError(
-                f"stream {self.stream_id} was reset by the peer ({_code_name(code)})"
-            )
-        )
+        # REFUSED_STREAM promises the peer did not process the stream.
+        kind = PeerUnavailableError if code == ErrorCodes.REFUSED_STREAM else PeerTransportError
+        self._fail(kind(f"stream {self.stream_id} was reset by the peer ({_code_name(code)})"))
 
     async def receive_data(self) -> bytes | memoryview:
         """Wait for the next chunk of the peer's body; ``b""`` once it has ended.
@@ -1661,14 +1659,16 @@ class H2ClientConnection(_Connection):
         ``max_concurrent_streams`` is reached.
 
         Raises:
-            PeerTransportError: the connection is closed or the peer sent GOAWAY.
+            PeerUnavailableError: the connection is closed or the peer sent
+                GOAWAY; nothing was sent.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         h2c = self._h2
         while True:
-            self._raise_if_closed()
+            if self._error is not None:
+                raise PeerUnavailableError(str(self._error))
             if self._goaway_last_stream_id is not None:
-                raise PeerTransportError("peer sent GOAWAY; open a new connection")
+                raise PeerUnavailableError("peer sent GOAWAY; open a new connection")
             # Until the peer's SETTINGS arrive its stream limit is unknown, and
             # h2 on the far side treats overshooting it as a connection error.
             if (
@@ -1733,7 +1733,7 @@ class H2ClientConnection(_Connection):
             self._terminate(failure)
             return
         self._goaway_last_stream_id = last
-        refused = PeerTransportError(
+        refused = PeerUnavailableError(
             f"stream not processed: peer sent GOAWAY with last stream {last}; safe to retry"
         )
         for stream_id, stream in list(self._streams.items()):

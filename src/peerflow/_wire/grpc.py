@@ -28,6 +28,7 @@ from ..errors import (
     PeerRefNotSerializableError,
     PeerTimeoutError,
     PeerTransportError,
+    PeerUnavailableError,
     PeerUnknownStepError,
     RefCapacityError,
     RefNotFoundError,
@@ -367,6 +368,7 @@ _STATUS_ERRORS: Final[dict[Status, type[PeerError]]] = {
     Status.UNAUTHENTICATED: PeerAuthError,
     Status.RESOURCE_EXHAUSTED: PeerLimitError,
     Status.DEADLINE_EXCEEDED: PeerTimeoutError,
+    Status.UNAVAILABLE: PeerUnavailableError,
 }
 
 
@@ -397,10 +399,10 @@ def error_for_status(status: int, message: str, details: bytes | None = None) ->
     ``details`` is the decoded ``peerflow-error-bin`` trailer, if any; when it
     names a known error kind, that kind wins. Otherwise the status decides:
     UNAUTHENTICATED gives :class:`PeerAuthError`, RESOURCE_EXHAUSTED
-    :class:`PeerLimitError`, DEADLINE_EXCEEDED :class:`PeerTimeoutError`, and
-    everything else (UNAVAILABLE, CANCELLED, INTERNAL, UNIMPLEMENTED, a
-    NOT_FOUND with no details...) :class:`PeerTransportError`. Undecodable
-    details are ignored.
+    :class:`PeerLimitError`, DEADLINE_EXCEEDED :class:`PeerTimeoutError`,
+    UNAVAILABLE :class:`PeerUnavailableError`, and everything else
+    (CANCELLED, INTERNAL, UNIMPLEMENTED, a NOT_FOUND with no details...)
+    :class:`PeerTransportError`. Undecodable details are ignored.
     """
     if details:
         try:
