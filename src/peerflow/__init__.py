@@ -23,6 +23,8 @@ from ._peer.auth import resolve_peer_token as resolve_peer_token
 from ._peer.client import PeerClient as PeerClient
 from ._peer.client import StreamCall as StreamCall
 from ._peer.limits import Limits as Limits
+from ._peer.pool import PeerPool as PeerPool
+from ._peer.pool import PoolMember as PoolMember
 from ._peer.server import PeerAddress as PeerAddress
 from ._peer.server import PeerServer as PeerServer
 from ._refs.descriptor import RefLifetime as RefLifetime
@@ -79,6 +81,7 @@ __all__ = [
     "PeerEnvelopeVersionError",
     "PeerError",
     "PeerLimitError",
+    "PeerPool",
     "PeerRefNotFoundError",
     "PeerRefNotSerializableError",
     "PeerServer",
@@ -89,6 +92,7 @@ __all__ = [
     "PeerUnknownStepError",
     "PeerWorkflowError",
     "PeerflowError",
+    "PoolMember",
     "RefCapacityError",
     "RefEntry",
     "RefError",

@@ -335,6 +335,23 @@ class PeerClient:
         """Measure the round-trip time to the peer with an HTTP/2 PING, in seconds."""
         return await self._conn.ping()
 
+    def abandon(self, reason: PeerTransportError) -> None:
+        """Drop the connection at once: every call in flight fails with ``reason``.
+
+        For a peer known to be dead (it stopped answering PINGs): leaving the
+        client's block then skips the goodbyes the peer would never answer,
+        and its lease lapses on the peer instead.
+        """
+        self._conn.abort(reason)
+
+    @property
+    def accepting_calls(self) -> bool:
+        """False once the connection has ended or the peer has sent GOAWAY.
+
+        New calls would then fail with :class:`~peerflow.PeerUnavailableError`.
+        """
+        return not self._conn.closed and not self._conn.going_away
+
     # -- plumbing --------------------------------------------------------------
 
     def _request(

@@ -1228,6 +1228,14 @@ class _Connection:
         """Wait until the connection has ended and its transport is closed."""
         await self._closed.wait()
 
+    def abort(self, error: PeerTransportError) -> None:
+        """End the connection now, failing every stream with ``error``.
+
+        No GOAWAY and no grace period: for a peer known to be dead, which
+        would never answer them.
+        """
+        self._terminate(error)
+
     async def aclose(self, grace_period: float | None = None) -> None:
         """Close gracefully: GOAWAY, let streams finish, then cancel the rest.
 
@@ -1643,6 +1651,11 @@ class H2ClientConnection(_Connection):
 
     def __init__(self, transport: trio.abc.Stream, settings: H2Settings | None = None) -> None:
         super().__init__(transport, settings, client_side=True)
+
+    @property
+    def going_away(self) -> bool:
+        """Whether the peer has sent GOAWAY: no new stream may be opened."""
+        return self._goaway_last_stream_id is not None
 
     async def open_stream(
         self,
