@@ -256,6 +256,45 @@ def test_decoding_invalid_utf8_is_refused() -> None:
         decode_message(DerefSessionRefRequest, b"\x82\xa1v\x01\xa8ref_uuid\xa1\xff")
 
 
+def test_decoding_int_map_keys_is_refused() -> None:
+    with pytest.raises(PeerEncodeError, match="malformed"):
+        decode_message(DerefSessionRefRequest, msgpack.packb({"v": 1, "ref_uuid": "u", 7: 1}))
+
+
+@pytest.mark.parametrize("size", [10, 5000])
+def test_decoding_a_bytes_key_in_the_message_map_is_refused(size: int) -> None:
+    # Past a few KiB the check is a walk of the decoded map rather than a
+    # byte search, and a flat map like a deref chunk takes its shortest path.
+    data = msgpack.packb({"v": 1, b"payload": b"x" * size})
+    with pytest.raises(PeerEncodeError) as info:
+        decode_message(DerefChunk, data)
+    assert info.value.path == "b'payload'"
+
+
+@pytest.mark.parametrize(
+    ("fields", "path"),
+    [
+        ({"payload": "text"}, "payload"),
+        ({"payload": None}, "payload"),
+        ({"type_tag": 5, "payload": b""}, "type_tag"),
+        ({"total_size": "5", "payload": b""}, "total_size"),
+        ({"total_size": True, "payload": b""}, "total_size"),
+    ],
+)
+def test_decoding_a_chunk_with_a_wrong_field_names_it(fields: dict[str, Any], path: str) -> None:
+    with pytest.raises(PeerEncodeError) as info:
+        decode_message(DerefChunk, msgpack.packb({"v": 1, **fields}))
+    assert info.value.path == path
+
+
+def test_decoding_a_chunk_fills_in_its_defaults() -> None:
+    assert decode_message(DerefChunk, msgpack.packb({"v": 1})) == DerefChunk()
+    first = {"v": 1, "type_tag": "t", "total_size": 9, "payload": b"abc"}
+    assert decode_message(DerefChunk, msgpack.packb(first)) == DerefChunk(
+        b"abc", type_tag="t", total_size=9
+    )
+
+
 @pytest.mark.parametrize(
     ("body", "path"),
     [

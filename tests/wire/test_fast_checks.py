@@ -1,13 +1,20 @@
 """The codec's fast yes/no checks must agree with the slow, path-naming walk.
 
-:func:`scan_encodable`, :func:`scan_decoded` and :func:`within_depth` decide
-whether a message is a wire value on the hot path; :func:`locate_problem` is
-the reference. Every value here, valid or not, gets the same verdict from both,
-and the codec raises exactly the error the reference names.
+:func:`scan_after_msgpack` and :func:`within_depth` decide on the hot path
+whether a message is a wire value; :func:`locate_problem` is the reference.
+A fast check may answer "maybe not" for a good message (the codec then asks
+the reference, which clears it) but never yes for a bad one, and the codec
+raises exactly the error the reference names. ``scan_after_msgpack`` proves
+that map keys are str in one of three ways, chosen by what this interpreter's
+gc shows of a dict; the tests run each way this interpreter supports.
 """
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from gc import get_referents
 from typing import Any
 
 import msgpack
@@ -16,16 +23,18 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from peerflow import PeerEncodeError
-from peerflow._wire.codec import _FAST_STRUCTURE, _converter, decode_message, encode_message
-from peerflow._wire.envelopes import InvokeSubWorkflowRequest, Message
-from peerflow._wire.values import (
-    MAX_DEPTH,
-    locate_problem,
-    scan_decoded,
-    scan_encodable,
-    within_depth,
+from peerflow._wire import values
+from peerflow._wire.codec import (
+    _BODY,
+    _FAST_STRUCTURE,
+    _converter,
+    _pack_default,
+    decode_message,
+    encode_message,
 )
-from strategies import messages
+from peerflow._wire.envelopes import InvokeSubWorkflowRequest, Message, StreamEvent
+from peerflow._wire.values import MAX_DEPTH, locate_problem, scan_after_msgpack, within_depth
+from strategies import messages, wire_values
 
 
 class _Str(str):
@@ -39,6 +48,59 @@ class _Dict(dict):  # type: ignore[type-arg]
 class _List(list):  # type: ignore[type-arg]
     pass
 
+
+# Objects whose __dict__ is in use by a test: 3.13 keeps an object's
+# attribute values inside the object, out of gc.get_referents' sight of the
+# __dict__, but only while the object lives.
+_OWNERS: list[object] = []
+
+
+def _instance_dict(items: dict[str, Any]) -> dict[str, Any]:
+    """The ``__dict__`` of a live object holding ``items`` as attributes."""
+    owner = type("Owner", (), {})()
+    for name, value in items.items():
+        setattr(owner, name, value)
+    _OWNERS.append(owner)
+    return vars(owner)
+
+
+def _general_table(items: dict[Any, Any]) -> dict[Any, Any]:
+    """A dict with ``items`` kept in CPython's general table, as after a non-str key."""
+    out: dict[Any, Any] = {0: None}
+    del out[0]
+    for key, value in items.items():  # update() could copy a str-only table
+        out[key] = value
+    return out
+
+
+_Proof = tuple[bool, bool, Callable[[list[dict[Any, Any]]], bool]]
+
+# Ways to prove map keys are str, as (_KEYS_COUNTED, _SKIP_LEAF_LEVEL,
+# _str_keyed), each with whether this interpreter's gc makes it sound.
+_KEY_PROOFS: dict[str, tuple[_Proof, bool]] = {
+    "counted together": (
+        (True, True, values._counted_together),
+        values._dicts_show_str_keys() and values._dicts_show_values(),
+    ),
+    "counted each": ((True, False, values._counted_each), values._dicts_show_str_keys()),
+    "joined": ((False, False, values._joined), True),
+}
+
+
+@contextmanager
+def _proving_keys(proof: str) -> Iterator[None]:
+    chosen, sound_here = _KEY_PROOFS[proof]
+    if not sound_here:
+        pytest.skip(f"gc.get_referents does not support {proof!r} keys here")
+    saved = values._KEYS_COUNTED, values._SKIP_LEAF_LEVEL, values._str_keyed
+    values._KEYS_COUNTED, values._SKIP_LEAF_LEVEL, values._str_keyed = chosen
+    try:
+        yield
+    finally:
+        values._KEYS_COUNTED, values._SKIP_LEAF_LEVEL, values._str_keyed = saved
+
+
+_proofs = pytest.mark.parametrize("proof", list(_KEY_PROOFS))
 
 _INT = st.integers(min_value=-(2**63), max_value=2**64 - 1)
 _GOOD_LEAVES = (
@@ -54,6 +116,7 @@ _BAD_LEAVES = st.sampled_from(
         {1, 2},
         frozenset({1}),
         msgpack.ExtType(3, b"x"),
+        msgpack.ExtType(4, b""),
         msgpack.Timestamp(1, 0),
         _Dict(a=1),
         _List([1]),
@@ -64,6 +127,8 @@ _ENCODE_LEAVES = (
     _GOOD_LEAVES | _BAD_LEAVES | st.binary().map(bytearray) | st.binary().map(memoryview)
 )
 _ANY_KEYS = st.text() | st.binary() | _INT | st.sampled_from([None, 1.5, True, (1, "a"), _Str("k")])
+# Attribute names that setattr stores as plain entries of __dict__.
+_ATTRIBUTE_NAMES = st.text(max_size=4).filter(lambda name: not name.startswith("__"))
 
 
 def _nested(leaves: st.SearchStrategy[Any], keys: st.SearchStrategy[Any]) -> Any:
@@ -73,94 +138,125 @@ def _nested(leaves: st.SearchStrategy[Any], keys: st.SearchStrategy[Any]) -> Any
             st.lists(inner, max_size=4)
             | st.lists(inner, max_size=4).map(tuple)
             | st.dictionaries(keys, inner, max_size=4)
+            | st.dictionaries(st.text(max_size=4), inner, max_size=4).map(_general_table)
+            | st.dictionaries(_ATTRIBUTE_NAMES, inner, max_size=4).map(_instance_dict)
         ),
         max_leaves=20,
     )
 
 
 @st.composite
-def _deep(draw: st.DrawFn, leaves: st.SearchStrategy[Any], tuples: bool) -> Any:
-    """A chain of containers around MAX_DEPTH long, each a list, dict or tuple."""
+def _deep(draw: st.DrawFn, leaves: st.SearchStrategy[Any], encoding: bool) -> Any:
+    """A chain of containers around MAX_DEPTH long."""
     value = draw(leaves | st.sampled_from([[], {}]))
-    kinds = ["list", "dict", "tuple"] if tuples else ["list", "dict"]
+    kinds = ["list", "dict", "tuple", "instance dict"] if encoding else ["list", "dict"]
     for _ in range(draw(st.integers(min_value=MAX_DEPTH - 3, max_value=MAX_DEPTH + 2))):
         kind = draw(st.sampled_from(kinds))
+        siblings = draw(st.dictionaries(st.text(max_size=2), leaves, max_size=2))
         if kind == "list":
             value = [value, *draw(st.lists(leaves, max_size=2))]
         elif kind == "tuple":
             value = (value,)
+        elif kind == "dict":
+            value = {"k": value, **siblings}
         else:
-            value = {"k": value, **draw(st.dictionaries(st.text(max_size=2), leaves, max_size=2))}
+            value = _instance_dict({"k": value, **siblings})
     return value
 
 
-_ENCODE_VALUES = _nested(_ENCODE_LEAVES, _ANY_KEYS) | _deep(_ENCODE_LEAVES, tuples=True)
+_ENCODE_VALUES = _nested(_ENCODE_LEAVES, _ANY_KEYS) | _deep(_ENCODE_LEAVES, encoding=True)
 _DECODE_VALUES = _nested(
     _GOOD_LEAVES | st.just(msgpack.Timestamp(5, 0)), st.text() | st.binary()
-) | _deep(_GOOD_LEAVES, tuples=False)
+) | _deep(_GOOD_LEAVES, encoding=False)
 
 
 def _body(value: Any) -> dict[str, Any]:
     return {"v": 1, "workflow_name": "wf", "step_ids": ["a"], "input": value}
 
 
-def _msgpack_checks(problem: PeerEncodeError) -> bool:
-    # The scans leave these to msgpack's C code while packing.
-    return "64 bits" in problem.reason or "surrogate" in problem.reason
+def _packs(body: dict[str, Any]) -> bool:
+    """Whether msgpack packs ``body`` the way the codec does (exact types)."""
+    try:
+        msgpack.Packer(strict_types=True, default=_pack_default).pack(body)
+    except (TypeError, ValueError, OverflowError):
+        return False
+    return True
 
 
+@_proofs
 @given(_ENCODE_VALUES)
-def test_scan_encodable_agrees_with_locate_problem(value: Any) -> None:
-    problem = locate_problem(_body(value))
-    if scan_encodable(_body(value)):
-        assert problem is None or _msgpack_checks(problem)
-    else:
-        assert problem is not None
+def test_scan_after_packing_never_says_yes_wrongly(proof: str, value: Any) -> None:
+    body = _body(value)
+    with _proving_keys(proof):
+        if _packs(body) and scan_after_msgpack(body):
+            assert locate_problem(body) is None
 
 
+@_proofs
 @given(_ENCODE_VALUES)
-def test_encode_refuses_exactly_what_locate_problem_names(value: Any) -> None:
+def test_encode_refuses_exactly_what_locate_problem_names(proof: str, value: Any) -> None:
     problem = locate_problem(_body(value))
     request = InvokeSubWorkflowRequest("wf", ["a"], value)
-    if problem is None:
-        encode_message(request)
-        return
-    with pytest.raises(PeerEncodeError) as info:
-        encode_message(request)
+    with _proving_keys(proof):
+        if problem is None:
+            encode_message(request)
+            return
+        with pytest.raises(PeerEncodeError) as info:
+            encode_message(request)
     assert (info.value.path, info.value.reason) == (problem.path, problem.reason)
 
 
+@_proofs
+@given(wire_values)
+def test_plain_wire_values_pass_the_fast_check(proof: str, value: Any) -> None:
+    # The fast path is what makes encoding cheap: ordinary values must not
+    # fall through to the slow walk.
+    with _proving_keys(proof):
+        assert scan_after_msgpack(_body(value))
+
+
+@_proofs
+def test_a_flat_map_passes_only_with_str_keys(proof: str) -> None:
+    with _proving_keys(proof):
+        assert scan_after_msgpack({"v": 1, "payload": b"x"})
+        assert not scan_after_msgpack({"v": 1, b"payload": b"x"})
+        assert not scan_after_msgpack({"v": 1, "payload": b"x", 2: None})
+
+
+@_proofs
 @given(_DECODE_VALUES)
-def test_decode_checks_agree_with_locate_problem(value: Any) -> None:
+def test_decode_checks_agree_with_locate_problem(proof: str, value: Any) -> None:
     data = msgpack.packb(_body(value))
     body = msgpack.unpackb(data, strict_map_key=True)
     valid = locate_problem(body, decoded=True) is None
-    assert scan_decoded(body) is valid
-    if not any(marker in data for marker in (b"\xc4", b"\xc5", b"\xc6", b"\xff")):
-        # The bytes rule out timestamps and bytes keys: depth decides alone.
-        assert within_depth(body) is valid
-    for raw in (data, bytearray(data), memoryview(data)):
-        try:
-            decoded = decode_message(InvokeSubWorkflowRequest, raw)
-        except PeerEncodeError:
-            assert not valid
-        else:
-            assert valid
-            assert decoded.input == body["input"]
+    with _proving_keys(proof):
+        assert valid or not scan_after_msgpack(body)
+        if not any(marker in data for marker in (b"\xc4", b"\xc5", b"\xc6", b"\xff")):
+            # The bytes rule out timestamps and bytes keys: depth decides alone.
+            assert within_depth(body) is valid
+        for raw in (data, bytearray(data), memoryview(data)):
+            try:
+                decoded = decode_message(InvokeSubWorkflowRequest, raw)
+            except PeerEncodeError:
+                assert not valid
+            else:
+                assert valid
+                assert decoded.input == body["input"]
 
 
+@_proofs
 @pytest.mark.parametrize("container", [list, dict])
-def test_an_empty_container_one_level_too_deep_is_refused(container: type) -> None:
+def test_an_empty_container_one_level_too_deep_is_refused(proof: str, container: type) -> None:
     value: Any = container()
     for _ in range(MAX_DEPTH):
         value = [value]
     body = {"v": 1, "input": value}
     assert locate_problem(body, decoded=True) is not None
-    assert not scan_decoded(body)
     assert not within_depth(body)
-    assert not scan_encodable(body)
     assert within_depth({"v": 1, "input": value[0]})
-    assert scan_decoded({"v": 1, "input": value[0]})
+    with _proving_keys(proof):
+        assert not scan_after_msgpack(body)
+        assert scan_after_msgpack({"v": 1, "input": value[0]})
 
 
 def test_a_cycle_is_refused_as_too_deep() -> None:
@@ -170,8 +266,65 @@ def test_a_cycle_is_refused_as_too_deep() -> None:
         encode_message(InvokeSubWorkflowRequest("wf", ["a"], {"x": loop}))
 
 
+@_proofs
+@pytest.mark.parametrize(
+    ("attributes", "path", "reason"),
+    [
+        ({"when": msgpack.Timestamp(1, 0)}, 'event["data"]["when"]', "Timestamp"),
+        ({"m": {1: "x"}}, 'event["data"]["m"][1]', "map key must be a str"),
+        ({"deep": [[]] * 2}, None, None),
+    ],
+)
+def test_an_objects_dict_is_checked_inside(
+    proof: str, attributes: dict[str, Any], path: str | None, reason: str | None
+) -> None:
+    # Python 3.13 hides the values of a live object's __dict__ from gc.
+    data = _instance_dict(attributes)
+    with _proving_keys(proof):
+        if path is None:
+            assert msgpack.unpackb(encode_message(StreamEvent("E", data)))["event"]["data"] == data
+            return
+        with pytest.raises(PeerEncodeError) as info:
+            encode_message(StreamEvent("E", data))
+    assert info.value.path == path
+    assert reason in info.value.reason
+
+
+@_proofs
+def test_str_keys_in_a_general_table_are_accepted(proof: str) -> None:
+    general = _general_table({"a": 1, "b": [2]})
+    if sys.implementation.name == "cpython":
+        assert len(get_referents(general)) == 2 * len(general)  # the keys show
+    with _proving_keys(proof):
+        assert msgpack.unpackb(encode_message(StreamEvent("E", {"g": general}))) == {
+            "v": 1,
+            "kind": "event",
+            "event": {"event_type": "E", "data": {"g": {"a": 1, "b": [2]}}},
+        }
+
+
+@pytest.mark.skipif(sys.implementation.name != "cpython", reason="CPython's gc details")
+def test_the_cheapest_sound_key_proof_is_chosen() -> None:
+    if (3, 10) <= sys.version_info[:2] <= (3, 12):
+        chosen: _Proof = (True, True, values._counted_together)
+    elif sys.version_info[:2] == (3, 13):
+        chosen = (True, False, values._counted_each)
+    else:
+        pytest.skip("no expectation for this version yet")
+    assert (values._KEYS_COUNTED, values._SKIP_LEAF_LEVEL, values._str_keyed) == chosen
+
+
 @given(messages())
 def test_fast_structuring_matches_the_detailed_hooks(message: Message) -> None:
     body = msgpack.unpackb(encode_message(message))
     fast = _FAST_STRUCTURE[type(message)]
     assert fast(body, type(message)) == _converter.structure(body, type(message)) == message
+
+
+@given(messages())
+def test_written_out_bodies_match_the_converter(message: Message) -> None:
+    expected = {"v": 1}
+    expected.update(_converter.unstructure(message))
+    body = _BODY[type(message)](message)
+    assert body == expected
+    assert list(body) == list(expected)

@@ -6,11 +6,17 @@ nested at most :data:`MAX_DEPTH` containers below the message map. Tuples are
 accepted on encode and come back as lists; ``bytearray`` and ``memoryview``
 are accepted on encode and come back as ``bytes``.
 
-Checking is split in two so the common case stays cheap: :func:`scan_encodable`
-and :func:`scan_decoded` only answer yes or no, touching each container once
-and leaving scalar checks (int range, UTF-8) to msgpack's C code where it can
-do them. Only when something is wrong does :func:`locate_problem` walk the
-value again, slowly, to name the path and the reason.
+Checking is split in three so the common case stays cheap. msgpack's C code
+goes first: the codec packs with exact types, which refuses sets, objects,
+subclasses (str-subclass keys included), ints out of range and lone
+surrogates; unpacking yields nothing but wire types and timestamps (the codec
+refuses other extension types as they come). What msgpack lets through (map
+keys that are not str, extension values, nesting deeper than
+:data:`MAX_DEPTH`) is left to :func:`scan_after_msgpack` (and, for small
+decoded messages, :func:`within_depth`), which touches each nesting level once
+and may answer "maybe not" but never a wrong yes. Only then does
+:func:`locate_problem` walk the value again, slowly, to name the path and the
+reason, or to clear it.
 """
 
 from __future__ import annotations
@@ -18,7 +24,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from gc import get_referents
 from itertools import chain
+from operator import ge
 from typing import Any, TypeAlias
+
+from msgpack import ExtType, Timestamp
 
 from ..errors import PeerEncodeError
 
@@ -27,8 +36,7 @@ __all__ = [
     "WireValue",
     "locate_problem",
     "render_path",
-    "scan_decoded",
-    "scan_encodable",
+    "scan_after_msgpack",
     "within_depth",
 ]
 
@@ -47,64 +55,118 @@ _INT_MAX = 2**64 - 1
 
 _DECODED_LEAVES = frozenset({type(None), bool, int, float, str, bytes})
 _ENCODABLE_LEAVES = _DECODED_LEAVES | {bytearray, memoryview}
-_DECODED_TYPES = _DECODED_LEAVES | {dict, list}
-_ENCODABLE_TYPES = _ENCODABLE_LEAVES | {dict, list, tuple}
-_STR = frozenset({str})
 
+# The types msgpack packs (with exact types) or unpacks that need a second
+# look: extension values are not wire values, and a memoryview refers to the
+# owner of its buffer, which is not ours to walk.
+_REFUSED = frozenset({ExtType, Timestamp})
+_UNUSUAL = _REFUSED | {memoryview}
 
 _is_dict = dict.__instancecheck__
 
 
-def _scan(message: dict[str, Any], leaves: frozenset[type], allowed: frozenset[type]) -> bool:
-    # The hot path of every encode and decode. Python bytecode per item costs
-    # more than the packing itself, so the walk goes one nesting level at a
-    # time and leaves the per-item work to C: gc.get_referents lists the values
-    # of every dict and the items of every list in a level (scalars have
-    # none), and one set of their types says whether the level is clean.
-    # Containers can form cycles, so tp_traverse must report every one of them;
-    # only exact dicts, lists and tuples are ever expanded. A dict with a
-    # non-str key may report its keys too, which is harmless: the key check
-    # refuses it anyway.
-    level: list[Any] = [message]
-    dicts = [message]
-    depth = 0
-    while True:
-        level = get_referents(*level)
-        depth += 1
-        kinds = set(map(type, level))
-        if kinds <= leaves:
-            break
-        if depth > MAX_DEPTH or not kinds <= allowed:
-            return False
-        if dict in kinds:
-            dicts += filter(_is_dict, level)
-        if memoryview in kinds:
-            # A view refers to the owner of its buffer, which is not ours to walk.
-            level = [item for item in level if type(item) is not memoryview]
+class _Probe:
+    """An object whose ``__dict__`` CPython 3.13 keeps inside the object."""
+
+    value: object
+
+
+def _dicts_show_str_keys() -> bool:
+    # CPython keeps a dict whose keys are all exact str in a "unicode" table,
+    # and gc.get_referents of such a dict lists only its values; any other
+    # dict lists its keys as well. So a dict with exactly as many referents as
+    # entries has only str keys. This is CPython behaviour, not a language
+    # rule, hence the check.
+    return len(get_referents({"key": None})) == 1 and len(get_referents({0: None})) == 2
+
+
+def _dicts_show_values() -> bool:
+    # 3.13 lists nothing for an object's __dict__ while its values still live
+    # inside the object: the walk would not see them.
+    probe = _Probe()
+    probe.value = None
+    return len(get_referents(vars(probe))) == 1
+
+
+def _counted_together(dicts: list[dict[Any, Any]]) -> bool:
+    return len(get_referents(*dicts)) == sum(map(len, dicts))
+
+
+def _counted_each(dicts: list[dict[Any, Any]]) -> bool:
+    # One by one, so that a dict hiding its values cannot offset one that
+    # lists its keys too.
+    return list(map(len, map(get_referents, dicts))) == list(map(len, dicts))
+
+
+def _joined(dicts: list[dict[Any, Any]]) -> bool:
     try:
         "".join(chain.from_iterable(dicts))
     except TypeError:
         return False
-    return True
+    # A dict with fewer referents than entries hid its values from the walk.
+    return all(map(ge, map(len, map(get_referents, dicts)), map(len, dicts)))
 
 
-def scan_encodable(message: dict[str, Any]) -> bool:
-    """Return True if ``message`` holds only encodable shapes and types.
+# How scan_after_msgpack proves that every map key is a str, by what this
+# interpreter's gc.get_referents shows of a dict. Where dicts show their
+# values, and their keys only when some key is not a str, counting referents
+# in one batch is enough, and a level whose items have no referents holds no
+# dict worth looking at. Where a dict may hide its values (3.13), every level
+# is looked at and each dict counted on its own. Elsewhere the keys are joined.
+_KEYS_COUNTED = _dicts_show_str_keys()
+_SKIP_LEAF_LEVEL = _KEYS_COUNTED and _dicts_show_values()
+_str_keyed = _counted_together if _SKIP_LEAF_LEVEL else _counted_each if _KEYS_COUNTED else _joined
 
-    Ints out of range and unencodable strings are not checked here; msgpack
-    rejects them while packing. False means :func:`locate_problem` will name
-    the problem.
+
+def scan_after_msgpack(message: dict[str, Any]) -> bool:
+    """Return True if ``message`` is a wire value, given msgpack has vetted it.
+
+    ``message`` must have just been packed with exact types (see the codec)
+    or unpacked; then every leaf has a wire type, and this only looks for
+    what msgpack lets through. The map's own keys are checked too. False
+    means "maybe not": ask :func:`locate_problem`, which names the problem
+    or clears the message.
     """
-    return _scan(message, _ENCODABLE_LEAVES, _ENCODABLE_TYPES)
-
-
-def scan_decoded(message: dict[str, Any]) -> bool:
-    """Return True if a freshly unpacked ``message`` is a valid wire value.
-
-    msgpack has already guaranteed int ranges and UTF-8; this catches bytes map
-    keys, extension values (timestamps) and excessive nesting.
-    """
-    return _scan(message, _DECODED_LEAVES, _DECODED_TYPES)
+    # The hot path of every encode and large decode. Python bytecode per item
+    # costs more than the packing itself, so the walk goes one nesting level
+    # at a time and leaves the per-item work to C: gc.get_referents lists the
+    # values of every dict and the items of every list in a level (scalars
+    # have none), and one set of their types says what the level holds.
+    # Containers can form cycles, so the walk is bounded by MAX_DEPTH.
+    level = get_referents(message)
+    below = get_referents(*level)
+    if _KEYS_COUNTED:
+        # The map's own keys. (Were it an object's __dict__ hiding its values,
+        # the count would only come up short: a "maybe not".)
+        if len(level) != len(message):
+            return False
+        if not below and _SKIP_LEAF_LEVEL:
+            return True  # a flat map, such as a deref chunk
+        dicts = []
+    else:
+        dicts = [message]
+    for _ in range(MAX_DEPTH):
+        if not below and _SKIP_LEAF_LEVEL:
+            # Nothing here has referents, so each item is a scalar msgpack
+            # accepted or an empty container: nothing left to look at.
+            # (Extension values and memoryviews always have referents.)
+            break
+        kinds = set(map(type, level))
+        if dict in kinds:
+            dicts += filter(_is_dict, level)
+        if not kinds.isdisjoint(_UNUSUAL):
+            if not kinds.isdisjoint(_REFUSED):
+                return False
+            below = get_referents(*[item for item in level if type(item) is not memoryview])
+        if not below:
+            break
+        level = below
+        below = get_referents(*level)
+    else:
+        # Something sits MAX_DEPTH + 1 levels down, which is fine only if it
+        # is not a container: rare enough to leave to locate_problem.
+        return False
+    return not dicts or _str_keyed(dicts)
 
 
 def within_depth(message: dict[str, Any]) -> bool:
