@@ -1,0 +1,555 @@
+"""The ``peerflow`` command line: serve step modules, or invoke a peer's sub-workflow.
+
+``peerflow serve`` imports step modules and runs a :class:`~peerflow.PeerServer`
+until SIGINT or SIGTERM. ``peerflow invoke`` runs one sub-workflow on a peer
+and prints its response as JSON. ``python -m peerflow`` is the same program.
+
+JSON has no bytes type, so the CLI follows the HTTP/JSON variant of the wire
+protocol (protocol/README.md, section 6): bytes inside wire values are written
+``{"$bytes": "<base64>"}`` in both directions, and the bytes fields of the
+schema (an inline ref's ``payload``) are plain base64 strings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import importlib
+import json
+import logging
+import math
+import os
+import signal
+import ssl
+import sys
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+
+from . import __version__
+from ._engine.events import event_to_wire
+from ._engine.steps import StepRegistry
+from ._engine.workflow import Workflow
+from ._peer.client import PeerClient, parse_endpoint
+from ._peer.limits import Limits
+from ._peer.server import PeerServer
+from ._refs.descriptor import RemoteRefDescriptor
+from ._transport.mapping import collapse_excgroups
+from ._transport.tls import load_client_tls, load_server_tls
+from ._wire.envelopes import SubWorkflowResponse
+from ._wire.values import MAX_DEPTH, render_path
+from .errors import DuplicateStepError, PeerEncodeError, PeerflowError, PeerTimeoutError
+
+__all__ = [
+    "EXIT_ERROR",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "EXIT_WORKFLOW_FAILED",
+    "main",
+]
+
+#: The command did what was asked (``serve``: it drained and stopped on a signal).
+EXIT_OK = 0
+#: ``invoke``: the remote workflow ran and failed; the response, with its
+#: ``error``, is still printed.
+EXIT_WORKFLOW_FAILED = 1
+#: The command line itself is wrong (argparse's own code).
+EXIT_USAGE = 2
+#: A peerflow error (transport, auth, TLS, unknown step, encoding), bad
+#: ``--input`` JSON, or step modules that cannot be served.
+EXIT_ERROR = 3
+#: Interrupted by Ctrl-C outside ``serve`` (128 + SIGINT, as shells report it).
+EXIT_INTERRUPTED = 130
+
+_BYTES_KEY = "$bytes"
+_DEFAULT_INVOKE_NODE_ID = "peerflow-cli"
+_log = logging.getLogger("peerflow.cli")
+
+
+class _CliError(Exception):
+    """A failure the CLI reports in one line with :data:`EXIT_ERROR`."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``peerflow`` command line and return its exit status.
+
+    The ``peerflow`` console script and ``python -m peerflow`` both call this.
+
+    Args:
+        argv: the arguments after the program name; ``sys.argv[1:]`` by default.
+
+    Returns:
+        :data:`EXIT_OK`, :data:`EXIT_WORKFLOW_FAILED`, :data:`EXIT_USAGE`,
+        :data:`EXIT_ERROR` or :data:`EXIT_INTERRUPTED`. Errors are reported
+        as one ``peerflow: error: ...`` line on stderr, with no traceback
+        (except for a step module that fails while it is imported: its
+        traceback is the user's to read).
+    """
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+        return int(args.run(parser, args))
+    except SystemExit as exc:
+        # argparse exits for --help, --version and usage errors; returning the
+        # code keeps main() callable from tests and other programs.
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    except (PeerflowError, _CliError) as exc:
+        message = " ".join(str(exc).split())
+        print(f"peerflow: error: {message}", file=sys.stderr, flush=True)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("peerflow: interrupted", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+
+
+# -- the parser ------------------------------------------------------------------
+
+_INVOKE_EPILOG = """\
+output:
+  One JSON object per line on stdout. With --stream, each event the remote
+  run streams is a line {"event_type": ..., "data": {...}}; the last line is
+  always the response: {"result", "state", "remote_refs", "inline_refs",
+  "dropped_refs", "error"}. "error" is null, or {"message", "step_id",
+  "error_type"} when the remote workflow failed.
+
+bytes:
+  JSON has no bytes type. Bytes inside values (result, state, event data, and
+  --input) are written {"$bytes": "<base64>"}; an inline ref's "payload" is a
+  plain base64 string. NaN and infinities have no JSON form: they are refused
+  in --input and in the response.
+
+exit status:
+  0 success; 1 the remote workflow failed (the JSON is still printed);
+  2 usage error; 3 peerflow error (connection, auth, TLS, unknown step,
+  encoding) or bad --input JSON; 130 interrupted.
+
+The token is read from PEERFLOW_PEER_TOKEN; there is no flag for it.
+"""
+
+_SERVE_EPILOG = """\
+Once the socket listens, one line "serving <node-id> on <url>" is printed on
+stdout (so --bind 127.0.0.1:0 tells the chosen port). SIGINT or SIGTERM
+drains in-flight calls (up to --drain-grace seconds) and exits 0.
+
+The token is read from PEERFLOW_PEER_TOKEN; there is no flag for it.
+"""
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="peerflow",
+        description="Serve peerflow steps to other machines, or invoke a peer's sub-workflow.",
+    )
+    parser.add_argument("--version", action="version", version=f"peerflow {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve the steps of some modules until SIGINT or SIGTERM",
+        description="Import step modules and serve their steps until SIGINT or SIGTERM.",
+        epilog=_SERVE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve.add_argument(
+        "--node-id", required=True, help="this node's stable id, stamped on every ref it hands out"
+    )
+    serve.add_argument(
+        "--bind",
+        type=_host_port,
+        default=("127.0.0.1", 7443),
+        metavar="HOST:PORT",
+        help="where to listen (default 127.0.0.1:7443; port 0 picks a free port)",
+    )
+    serve.add_argument(
+        "--steps",
+        action="append",
+        required=True,
+        type=_steps_spec,
+        metavar="MODULE[:ATTR]",
+        help=(
+            "import MODULE (from the current directory or sys.path) and serve the steps it "
+            "registers in the default StepRegistry; with :ATTR, serve that StepRegistry or "
+            "Workflow's registry instead. Repeat to serve several; clashing step ids are refused"
+        ),
+    )
+    _add_tls_arguments(serve, "the server certificate", "the CA client certificates must chain to")
+    serve.add_argument(
+        "--drain-grace",
+        type=_positive_seconds,
+        metavar="SECONDS",
+        help=(
+            f"how long in-flight calls may run on after a signal (default {Limits().drain_grace:g})"
+        ),
+    )
+    serve.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        default="info",
+        help="the level of the log records written to stderr (default info)",
+    )
+    serve.set_defaults(run=_serve_command)
+
+    invoke = commands.add_parser(
+        "invoke",
+        help="run a sub-workflow on a peer and print its response as JSON",
+        description="Run a sub-workflow on a peer and print its response as JSON.",
+        epilog=_INVOKE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    invoke.add_argument(
+        "endpoint", metavar="ENDPOINT", help="http://host:port or https://host:port"
+    )
+    invoke.add_argument("workflow", metavar="WORKFLOW", help="the sub-workflow's name")
+    invoke.add_argument("steps", metavar="STEP", nargs="+", help="the step ids to run, in order")
+    invoke.add_argument(
+        "--input",
+        required=True,
+        metavar="JSON",
+        help='the input as JSON ("-" reads it from stdin); write bytes as {"$bytes": "<base64>"}',
+    )
+    invoke.add_argument(
+        "--node-id",
+        default=_DEFAULT_INVOKE_NODE_ID,
+        help=f"the caller's node id (default {_DEFAULT_INVOKE_NODE_ID})",
+    )
+    invoke.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        metavar="SECONDS",
+        help="give up after this long; the deadline travels to the peer as grpc-timeout",
+    )
+    _add_tls_arguments(invoke, "a client certificate (mTLS)", "the CA to trust for the peer")
+    invoke.add_argument(
+        "--stream",
+        action="store_true",
+        help="print each event the remote run streams, as it happens, before the response",
+    )
+    invoke.set_defaults(run=_invoke_command)
+    return parser
+
+
+def _add_tls_arguments(parser: argparse.ArgumentParser, cert: str, ca: str) -> None:
+    parser.add_argument("--tls-cert", metavar="PEM", help=f"PEM file with {cert}")
+    parser.add_argument(
+        "--tls-key", metavar="PEM", help="PEM file with its private key (default: in --tls-cert)"
+    )
+    parser.add_argument("--tls-ca", metavar="PEM", help=f"PEM file with {ca}")
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, colon, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]  # an IPv6 address, bracketed as in a URL
+    if not colon or not host or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT with a port of 0 to 65535: {text!r}")
+    return host, int(port)
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds: {text!r}")
+    return seconds
+
+
+def _steps_spec(text: str) -> str:
+    module, colon, attr = text.partition(":")
+    if not module or (colon and not attr):
+        raise argparse.ArgumentTypeError(f"expected MODULE or MODULE:ATTR: {text!r}")
+    return text
+
+
+# -- serve -----------------------------------------------------------------------
+
+
+def _serve_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if args.tls_cert is None and (args.tls_key is not None or args.tls_ca is not None):
+        parser.error("--tls-key and --tls-ca need --tls-cert")
+    registry = _load_steps(args.steps)
+    tls = None
+    if args.tls_cert is not None:
+        tls = load_server_tls(args.tls_cert, args.tls_key, args.tls_ca)
+    limits = Limits() if args.drain_grace is None else Limits(drain_grace=args.drain_grace)
+    server = PeerServer(args.node_id, registry=registry, tls=tls, limits=limits)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    _log.info("serving %d steps: %s", len(registry), ", ".join(sorted(registry)))
+    host, port = args.bind
+    trio.run(_serve, server, host, port)
+    return EXIT_OK
+
+
+async def _serve(server: PeerServer, host: str, port: int) -> None:
+    # The receiver is open before the socket is bound, so a signal that
+    # arrives once the "serving" line is out always drains instead of
+    # killing the process with KeyboardInterrupt.
+    with (
+        collapse_excgroups(),
+        trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals,
+    ):
+        async with trio.open_nursery() as nursery:
+            address = await nursery.start(server.serve, host, port)
+            print(f"serving {server.node_id} on {address.url}", flush=True)
+            async for signum in signals:
+                _log.info("%s: draining in-flight calls", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+
+
+def _load_steps(specs: Sequence[str]) -> StepRegistry:
+    """Import the ``--steps`` modules and return the registry to serve.
+
+    ``module`` means the default registry after importing it; ``module:attr``
+    names a :class:`~peerflow.StepRegistry` or a :class:`~peerflow.Workflow`
+    (whose registry is served). One registry is served as it is; several are
+    merged into a new one. The current directory is importable, as with
+    ``python -m``.
+
+    Raises:
+        _CliError: a module cannot be imported, an attribute is missing or of
+            the wrong type, a registry is empty, or two registries register
+            different steps under one id.
+    """
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    found: list[tuple[StepRegistry, str]] = []
+    for spec in specs:
+        registry = _registry_of(spec)
+        if not len(registry):
+            hint = (
+                ""
+                if ":" in spec
+                else " (if it builds its Workflow with registry=..., name that: MODULE:ATTR)"
+            )
+            raise _CliError(f"--steps {spec}: no steps are registered there{hint}")
+        if all(registry is not seen for seen, _ in found):
+            found.append((registry, spec))
+    if len(found) == 1:
+        return found[0][0]
+    merged = StepRegistry()
+    origin: dict[str, str] = {}
+    for registry, spec in found:
+        for step_id in registry:
+            try:
+                merged.register(registry[step_id])
+            except DuplicateStepError:
+                raise _CliError(
+                    f"step id {step_id!r} is registered as different steps by "
+                    f"--steps {origin[step_id]} and --steps {spec}"
+                ) from None
+            origin.setdefault(step_id, spec)
+    return merged
+
+
+def _registry_of(spec: str) -> StepRegistry:
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        if isinstance(exc, ModuleNotFoundError) and _names_module(exc, module_name):
+            raise _CliError(
+                f"--steps {spec}: no module named {exc.name!r} "
+                "(looked in the current directory and on sys.path)"
+            ) from None
+        # A bug in the user's own module: its traceback is what they need.
+        traceback.print_exc()
+        raise _CliError(
+            f"--steps {spec}: importing {module_name!r} failed: {type(exc).__name__}: {exc}"
+        ) from exc
+    if not attr:
+        return StepRegistry.default()
+    target: object = module
+    for part in attr.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise _CliError(
+                f"--steps {spec}: module {module_name!r} has no attribute {attr!r}"
+            ) from None
+    if isinstance(target, Workflow):
+        return target.registry
+    if isinstance(target, StepRegistry):
+        return target
+    raise _CliError(
+        f"--steps {spec}: {attr!r} is a {type(target).__name__}, not a StepRegistry or a Workflow"
+    )
+
+
+def _names_module(exc: ModuleNotFoundError, module_name: str) -> bool:
+    # True when the module itself (or a package above it) is missing, not
+    # something it imports.
+    return exc.name is not None and (module_name + ".").startswith(exc.name + ".")
+
+
+# -- invoke ----------------------------------------------------------------------
+
+
+def _invoke_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if args.tls_key is not None and args.tls_cert is None:
+        parser.error("--tls-key needs --tls-cert")
+    uses_tls = any(path is not None for path in (args.tls_cert, args.tls_key, args.tls_ca))
+    endpoint = parse_endpoint(args.endpoint)
+    if uses_tls and endpoint.scheme != "https":
+        parser.error("--tls-cert, --tls-key and --tls-ca need an https:// endpoint")
+    text = sys.stdin.read() if args.input == "-" else args.input
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _CliError(f"--input is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise _CliError("--input is nested too deeply") from None
+    input_value = _wire_from_json(parsed, ["input"])
+    tls = load_client_tls(args.tls_cert, args.tls_key, args.tls_ca) if uses_tls else None
+    response = trio.run(_invoke, args, tls, input_value)
+    _print_json(_response_json(response))
+    return EXIT_OK if response.error is None else EXIT_WORKFLOW_FAILED
+
+
+async def _invoke(
+    args: argparse.Namespace, tls: ssl.SSLContext | None, input_value: Any
+) -> SubWorkflowResponse:
+    # One deadline covers connecting too; inside the call it travels to the
+    # peer as grpc-timeout, so the remote run stops when the CLI gives up.
+    with collapse_excgroups(), trio.move_on_after(args.timeout or math.inf) as deadline:
+        async with PeerClient.connect(args.endpoint, args.node_id, tls=tls) as client:
+            if not args.stream:
+                return await client.invoke_sub_workflow(args.workflow, args.steps, input_value)
+            calling = client.stream_sub_workflow(args.workflow, args.steps, input_value)
+            async with calling as call:
+                async for event in call:
+                    wire = event_to_wire(event)
+                    data = {
+                        key: _json_from_wire(value, ["event", "data", key])
+                        for key, value in wire["data"].items()
+                    }
+                    _print_json({"event_type": wire["event_type"], "data": data})
+            assert call.response is not None  # StreamCall raises if the stream had none
+            return call.response
+    assert deadline.cancelled_caught
+    raise PeerTimeoutError(f"invoke timed out after {args.timeout:g}s")
+
+
+def _print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, allow_nan=False) + "\n")
+    sys.stdout.flush()
+
+
+# -- JSON <-> wire values ----------------------------------------------------------
+
+
+def _is_bytes_map(value: dict[str, Any]) -> bool:
+    return len(value) == 1 and isinstance(value.get(_BYTES_KEY), str)
+
+
+def _wire_from_json(value: Any, path: list[object]) -> Any:
+    """Turn parsed JSON into a wire value: ``{"$bytes": "<base64>"}`` becomes bytes.
+
+    ``path`` names ``value`` in errors, e.g. ``["input"]``.
+
+    Raises:
+        PeerEncodeError: a ``$bytes`` string is not standard base64, a
+            number is not finite, or the value nests deeper than a wire
+            value may.
+    """
+    # Bounds the recursion, as the codec would refuse such a value anyway (a
+    # field's own container is level 1, so the path's length is the level).
+    if isinstance(value, dict | list) and len(path) > MAX_DEPTH:
+        raise PeerEncodeError(f"nested deeper than {MAX_DEPTH} levels", render_path(path))
+    if isinstance(value, float) and not math.isfinite(value):
+        # json reads NaN, Infinity and 1e400; the HTTP/JSON variant has no
+        # such numbers, and the printed response could not show them.
+        raise PeerEncodeError(f"{value!r} is not a finite number", render_path(path))
+    if isinstance(value, dict):
+        if _is_bytes_map(value):
+            try:
+                return base64.b64decode(value[_BYTES_KEY], validate=True)
+            except (binascii.Error, ValueError):
+                raise PeerEncodeError(
+                    "is not standard base64", render_path([*path, _BYTES_KEY])
+                ) from None
+        return {key: _wire_from_json(item, [*path, key]) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_wire_from_json(item, [*path, index]) for index, item in enumerate(value)]
+    return value
+
+
+def _json_from_wire(value: Any, path: list[object]) -> Any:
+    """Turn a decoded wire value into JSON-ready data: bytes become ``{"$bytes": ...}``.
+
+    ``path`` names ``value`` in errors, e.g. ``["result"]``.
+
+    Raises:
+        PeerEncodeError: a float is NaN or infinite, or a map has the single
+            key ``$bytes`` with a str value (it would read back as bytes).
+            The HTTP/JSON variant refuses both in the same way.
+    """
+    if isinstance(value, bytes):
+        return {_BYTES_KEY: base64.b64encode(value).decode("ascii")}
+    if isinstance(value, float) and not math.isfinite(value):
+        raise PeerEncodeError(f"{value!r} has no JSON form", render_path(path))
+    if isinstance(value, dict):
+        if _is_bytes_map(value):
+            raise PeerEncodeError(
+                'a map whose one key is "$bytes" has no JSON form (it reads back as bytes)',
+                render_path(path),
+            )
+        return {key: _json_from_wire(item, [*path, key]) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_json_from_wire(item, [*path, index]) for index, item in enumerate(value)]
+    return value
+
+
+def _descriptor_json(descriptor: RemoteRefDescriptor) -> dict[str, Any]:
+    return {
+        "origin_node_id": descriptor.origin_node_id,
+        "type_tag": descriptor.type_tag,
+        "created_at_epoch_ms": descriptor.created_at_epoch_ms,
+        "lifetime": descriptor.lifetime.value,
+        "size": descriptor.size,
+        "serializable": descriptor.serializable,
+    }
+
+
+def _response_json(response: SubWorkflowResponse) -> dict[str, Any]:
+    """The JSON object ``invoke`` prints for a response (the HTTP/JSON variant's shape).
+
+    Raises:
+        PeerEncodeError: a value has no JSON form (see :func:`_json_from_wire`).
+    """
+    error = None
+    if response.error is not None:
+        error = {
+            "message": response.error,
+            "step_id": response.error_step_id,
+            "error_type": response.error_type,
+        }
+    return {
+        "result": _json_from_wire(response.result, ["result"]),
+        "state": {
+            key: _json_from_wire(value, ["state", key]) for key, value in response.state.items()
+        },
+        "remote_refs": {
+            ref_uuid: _descriptor_json(descriptor)
+            for ref_uuid, descriptor in response.remote_refs.items()
+        },
+        "inline_refs": {
+            ref_uuid: {
+                **_descriptor_json(ref.descriptor),
+                "payload": base64.b64encode(ref.payload).decode("ascii"),
+            }
+            for ref_uuid, ref in response.inline_refs.items()
+        },
+        "dropped_refs": list(response.dropped_refs),
+        "error": error,
+    }
