@@ -22,6 +22,7 @@ from ._peer.auth import peer_token_env as peer_token_env
 from ._peer.auth import resolve_peer_token as resolve_peer_token
 from ._peer.client import PeerClient as PeerClient
 from ._peer.client import StreamCall as StreamCall
+from ._peer.http_client import HttpPeerClient as HttpPeerClient
 from ._peer.limits import Limits as Limits
 from ._peer.pool import PeerPool as PeerPool
 from ._peer.pool import PoolMember as PoolMember
@@ -72,6 +73,7 @@ __all__ = [
     "DuplicateStepError",
     "DynamicEvent",
     "Event",
+    "HttpPeerClient",
     "InlineRef",
     "Limits",
     "PeerAddress",

@@ -5,7 +5,9 @@ stream it checks the method, content type and credentials, reads exactly one
 request message, calls :class:`~peerflow._peer.service.PeerService` and
 answers with gRPC's headers, length-prefixed messages and status trailers.
 Whatever goes wrong with one call becomes that call's status; nothing here
-can end the connection or the server.
+can end the connection or the server. Streams for the HTTP/JSON routes
+(``/peerflow.peer.v1/<Method>`` with a JSON body) share the port and are
+handed to the JSON front end.
 """
 
 from __future__ import annotations
@@ -34,10 +36,11 @@ from .._wire.envelopes import (
     StreamEvent,
 )
 from .._wire.framing import NEED_DATA, FrameDecoder, encode_frame, encode_frame_prefix
-from ..errors import PeerAuthError, PeerEncodeError, PeerError, PeerflowError, PeerTimeoutError
-from .auth import check_bearer, token_principal
+from ..errors import PeerEncodeError, PeerError, PeerflowError, PeerTimeoutError
+from .calls import CallGate, deadline_from_grpc_timeout, name_call
+from .http_json import JSON_PATH_PREFIX
 from .limits import Limits
-from .logs import PeerLogger, set_call_id
+from .logs import PeerLogger
 from .service import Caller, PeerService, unencodable_output
 
 __all__ = ["GrpcHandler"]
@@ -73,10 +76,12 @@ class GrpcHandler:
     Args:
         service: does the work of each method.
         limits: message size and deref chunk bounds.
-        token: when set, every call must carry ``authorization: Bearer <token>``.
+        gate: checks each call's credentials and names its caller.
         principal_of: maps a stream to its authenticated principal (the TLS
             client certificate subject), or None.
         scope_of: maps a stream to its connection's ref scope.
+        json_handler: serves streams on the HTTP/JSON paths that do not
+            carry a gRPC content type; without it they get HTTP 415.
     """
 
     def __init__(
@@ -84,17 +89,18 @@ class GrpcHandler:
         service: PeerService,
         limits: Limits,
         *,
-        token: str | None,
+        gate: CallGate,
         principal_of: Callable[[ServerStream], str | None],
         scope_of: Callable[[ServerStream], Hashable],
+        json_handler: Callable[[ServerStream], Awaitable[None]] | None = None,
     ) -> None:
         self._service = service
         self._limits = limits
         self._log = PeerLogger("grpc", service.node_id)
-        self._token = token
-        self._token_principal = None if token is None else token_principal(token)
+        self._gate = gate
         self._principal_of = principal_of
         self._scope_of = scope_of
+        self._json_handler = json_handler
         self._methods: dict[bytes, Callable[[ServerStream, bytes, Caller, float], Awaitable[None]]]
         self._methods = {
             grpc.INVOKE_SUB_WORKFLOW.path.encode(): self._invoke,
@@ -106,14 +112,7 @@ class GrpcHandler:
 
     async def __call__(self, stream: ServerStream) -> None:
         """Serve one call; every failure becomes the call's gRPC status."""
-        # A caller may send its own call id to tie both sides' logs together;
-        # otherwise the connection and stream name the call.
-        call_id = stream.header(_CALL_ID)
-        set_call_id(
-            call_id[:64].decode("ascii", "replace")
-            if call_id
-            else f"{id(stream.connection):x}/{stream.stream_id}"
-        )
+        name_call(stream.header(_CALL_ID), stream.connection, stream.stream_id)
         method = self._methods.get(stream.path)
         if stream.method != b"POST":
             stream.send_headers([(b":status", b"405")], end_stream=True)
@@ -122,6 +121,9 @@ class GrpcHandler:
         if content_type != _CONTENT_TYPE and (
             content_type is None or not grpc.is_grpc_content_type(content_type.decode("latin-1"))
         ):
+            if self._json_handler is not None and stream.path.startswith(JSON_PATH_PREFIX):
+                await self._json_handler(stream)
+                return
             stream.send_headers(
                 [(b":status", b"415"), (b"content-type", b"text/plain")], end_stream=False
             )
@@ -137,15 +139,18 @@ class GrpcHandler:
             )
             return
         try:
-            principal = self._authenticate(stream)
-            node_id = (stream.header(_NODE_ID) or b"").decode("utf-8", "replace")
-            caller = Caller(node_id, principal, self._scope_of(stream))
-            timeout = stream.header(b"grpc-timeout")
-            if timeout is None:
+            caller = self._gate.admit(
+                stream.header(b"authorization"),
+                stream.header(_NODE_ID),
+                self._principal_of(stream),
+                self._scope_of,
+                stream,
+            )
+            deadline = deadline_from_grpc_timeout(stream.header(b"grpc-timeout"))
+            if deadline == math.inf:
                 # No deadline: spare the common path a cancel scope that never fires.
                 await method(stream, await self._read_request(stream), caller, math.inf)
             else:
-                deadline = trio.current_time() + grpc.decode_grpc_timeout(timeout.decode("ascii"))
                 with trio.move_on_at(deadline):
                     await method(stream, await self._read_request(stream), caller, deadline)
                     return
@@ -155,16 +160,6 @@ class GrpcHandler:
         except Exception as exc:
             self._log.exception("call %s failed", stream.path.decode("latin-1"))
             self._fail(stream, exc)
-
-    def _authenticate(self, stream: ServerStream) -> str | None:
-        principal = self._principal_of(stream)
-        if self._token is None:
-            return principal
-        if not check_bearer(stream.header(b"authorization"), self._token):
-            raise PeerAuthError("missing or wrong bearer token")
-        # With a token and no client certificate, every holder of the token is
-        # one principal: the token itself is the identity.
-        return principal if principal is not None else self._token_principal
 
     async def _read_request(self, stream: ServerStream) -> bytes:
         if stream.remote_ended:  # the usual unary case: it all came in one read

@@ -1,4 +1,4 @@
-"""PeerServer: serves registered steps to other machines over gRPC on HTTP/2."""
+"""PeerServer: serves registered steps to other machines over gRPC, HTTP/JSON and WebSocket."""
 
 from __future__ import annotations
 
@@ -13,11 +13,14 @@ import trio
 
 from .._engine.steps import StepRegistry
 from .._refs.registry import SessionRefRegistry
-from .._transport.h2conn import ServerStream, _Connection
-from .._transport.listener import handle_connection, serve_tcp
+from .._transport.h2conn import ServerStream
+from .._transport.listener import PrefixedStream, handle_connection, serve_tcp
 from .._transport.tls import peer_principal
 from .auth import resolve_peer_token
+from .calls import CallGate, ClosingConnection
 from .grpc_server import GrpcHandler
+from .http1_server import Http1Server
+from .http_json import H2Exchange, JsonHandler
 from .limits import Limits
 from .logs import PeerLogger
 from .service import PeerService
@@ -89,12 +92,22 @@ class PeerServer:
         self._scopes: dict[object, Hashable] = {}
         self._scope_ids = itertools.count()
         self._nursery: trio.Nursery | None = None
+        gate = CallGate(self.token)
+        self._json = JsonHandler(self.service, limits, gate=gate)
         self._handler = GrpcHandler(
             self.service,
             limits,
-            token=self.token,
+            gate=gate,
             principal_of=self._principal_of,
             scope_of=self._scope_of,
+            json_handler=self._serve_json_stream,
+        )
+        self._http1 = Http1Server(
+            self._json,
+            limits,
+            node_id,
+            principal_of=self._transport_principal,
+            scope_for=self._scope_for,
         )
 
     async def serve(
@@ -124,6 +137,7 @@ class PeerServer:
                     host=host,
                     settings=self.limits.h2_settings(server=True),
                     ssl_context=self.tls,
+                    http1_handler=self._http1,
                     max_connections=self.limits.max_connections,
                     task_status=task_status,
                 )
@@ -182,6 +196,7 @@ class PeerServer:
             self._handler,
             settings=self.limits.h2_settings(server=True),
             ssl_context=self.tls,
+            http1_handler=self._http1,
         )
 
     def _warn_if_open(self, host: str) -> None:
@@ -200,15 +215,29 @@ class PeerServer:
                 host,
             )
 
+    async def _serve_json_stream(self, stream: ServerStream) -> None:
+        # An HTTP/JSON request on HTTP/2, routed here by the gRPC handler.
+        exchange = H2Exchange(stream, self.limits, self._principal_of(stream), self._scope_of)
+        await self._json.serve(exchange)
+
+    @classmethod
+    def _principal_of(cls, stream: ServerStream) -> str | None:
+        return cls._transport_principal(stream.connection.transport)
+
     @staticmethod
-    def _principal_of(stream: ServerStream) -> str | None:
-        transport = stream.connection.transport
+    def _transport_principal(transport: trio.abc.Stream) -> str | None:
+        while isinstance(transport, PrefixedStream):
+            transport = transport.stream
         if isinstance(transport, trio.SSLStream):
             return peer_principal(transport)
         return None
 
     def _scope_of(self, stream: ServerStream) -> Hashable:
-        conn = stream.connection
+        return self._scope_for(stream.connection)
+
+    def _scope_for(self, conn: ClosingConnection) -> Hashable:
+        # One scope per client connection, whatever its protocol, held until
+        # the connection closes and then left to expire after a grace period.
         scope = self._scopes.get(conn)
         if scope is None:
             scope = ("conn", self.node_id, next(self._scope_ids))
@@ -218,7 +247,7 @@ class PeerServer:
             self._nursery.start_soon(self._expire_when_closed, conn, scope)
         return scope
 
-    async def _expire_when_closed(self, conn: _Connection, scope: Hashable) -> None:
+    async def _expire_when_closed(self, conn: ClosingConnection, scope: Hashable) -> None:
         try:
             await conn.wait_closed()
         finally:

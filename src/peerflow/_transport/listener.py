@@ -2,7 +2,8 @@
 
 The protocol is chosen by TLS ALPN when the handshake settled it, otherwise
 by sniffing the HTTP/2 client preface. An HTTP/1.1 connection goes to the
-``http1_handler`` wrapped in a PrefixedStream that replays the sniffed bytes.
+``http1_handler`` wrapped in a PrefixedStream that replays the sniffed bytes;
+without one it is refused (505).
 """
 
 from __future__ import annotations
@@ -120,13 +121,16 @@ async def handle_connection(
     *,
     settings: H2Settings | None = None,
     ssl_context: ssl.SSLContext | None = None,
-    http1_handler: Http1Handler = reject_http1,
+    http1_handler: Http1Handler | None = None,
 ) -> None:
     """Serve one accepted connection: TLS, protocol choice, then the right driver.
 
     The TLS handshake and the preface must both arrive within the settings'
-    ``handshake_timeout``, or the connection is closed. Failures of this one
-    connection are logged and swallowed: they never reach the accept loop.
+    ``handshake_timeout``, or the connection is closed. An ``http1_handler``
+    owns its connection from then on, timeouts included; without one,
+    :func:`reject_http1` answers within what is left of the handshake
+    timeout. Failures of this one connection are logged and swallowed: they
+    never reach the accept loop.
     """
     settings = settings or H2Settings()
     timeout = settings.handshake_timeout
@@ -149,9 +153,11 @@ async def handle_connection(
             return
         if alpn == "h2" or (alpn is None and prefix.startswith(H2_PREFACE)):
             await serve_h2_connection(stream, h2_handler, settings, initial_data=prefix)
+        elif http1_handler is not None and (prefix or alpn is not None):
+            await http1_handler(PrefixedStream(stream, prefix))
         elif prefix or alpn is not None:
             with trio.move_on_at(deadline):
-                await http1_handler(PrefixedStream(stream, prefix))
+                await reject_http1(PrefixedStream(stream, prefix))
     except PeerTransportError as exc:
         logger.debug("connection failed: %s", exc)
     finally:
@@ -165,7 +171,7 @@ async def serve_tcp(
     host: str | None = None,
     settings: H2Settings | None = None,
     ssl_context: ssl.SSLContext | None = None,
-    http1_handler: Http1Handler = reject_http1,
+    http1_handler: Http1Handler | None = None,
     max_connections: int = 1024,
     task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
 ) -> None:

@@ -1,0 +1,600 @@
+"""HttpPeerClient: calls a peer's HTTP/JSON routes over HTTP/1.1, with a keep-alive pool.
+
+For callers that cannot (or would rather not) speak HTTP/2: the same methods
+as :class:`~peerflow.PeerClient`, the same typed errors, the same ref scopes,
+over plain HTTP/1.1 requests parsed by h11 (protocol/README.md section 6).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import ssl
+import urllib.parse
+from collections.abc import AsyncIterator, Iterable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from types import TracebackType
+from typing import Any, Final, TypeVar, final
+
+import h11
+import trio
+
+from .._transport.listener import connect_tcp
+from .._transport.mapping import collapse_excgroups, map_exceptions
+from .._wire import grpc
+from .._wire.envelopes import (
+    DerefChunk,
+    DerefSessionRefRequest,
+    InvokeSubWorkflowRequest,
+    LeaseRequest,
+    LeaseResponse,
+    ReleaseSessionRefRequest,
+    ReleaseSessionRefResponse,
+    StreamEvent,
+    SubWorkflowResponse,
+)
+from ..errors import PeerError, PeerTimeoutError, PeerTransportError
+from .auth import bearer_header, resolve_peer_token
+from .calls import TIMEOUT_MS_HEADER
+from .client import Endpoint, parse_endpoint
+from .http_json import JSON_PATH_PREFIX
+from .json_codec import (
+    JSON_CONTENT_TYPE,
+    decode_json,
+    decode_json_body,
+    decode_json_stream_body,
+    encode_json,
+    parse_json_line,
+)
+from .limits import Limits
+from .logs import PeerLogger
+from .variant_client import (
+    EventStreamCall,
+    RefScope,
+    RefScopes,
+    UnimplementedError,
+    error_for_details,
+)
+
+__all__ = ["HttpPeerClient"]
+
+M = TypeVar("M")
+
+_FROM_ENV: Final = object()
+_RECEIVE_SIZE: Final = 65536
+_JSON: Final = JSON_CONTENT_TYPE.encode()
+
+# The gRPC status behind each HTTP status of section 4, for the statuses
+# that mean something without error details (and 413/408/431, the HTTP
+# spellings of a refused body or head).
+_STATUS_FOR_HTTP: Final = {
+    400: grpc.Status.INVALID_ARGUMENT,
+    401: grpc.Status.UNAUTHENTICATED,
+    404: grpc.Status.NOT_FOUND,
+    408: grpc.Status.DEADLINE_EXCEEDED,
+    412: grpc.Status.FAILED_PRECONDITION,
+    413: grpc.Status.RESOURCE_EXHAUSTED,
+    429: grpc.Status.RESOURCE_EXHAUSTED,
+    431: grpc.Status.RESOURCE_EXHAUSTED,
+    499: grpc.Status.CANCELLED,
+    500: grpc.Status.INTERNAL,
+    501: grpc.Status.UNIMPLEMENTED,
+    503: grpc.Status.UNAVAILABLE,
+    504: grpc.Status.DEADLINE_EXCEEDED,
+}
+
+
+def _parse_base_url(base_url: str) -> tuple[Endpoint, str]:
+    if not isinstance(base_url, str):
+        raise PeerTransportError(f"base_url must be a str URI, got {type(base_url).__name__}")
+    parts = urllib.parse.urlsplit(base_url)
+    # A path is a prefix the routes hang under (a peer behind a reverse proxy).
+    endpoint = parse_endpoint(urllib.parse.urlunsplit((parts.scheme, parts.netloc, "", "", "")))
+    if parts.query or parts.fragment:
+        raise PeerTransportError(f"invalid base_url {base_url!r}: no query or fragment allowed")
+    return endpoint, parts.path.rstrip("/")
+
+
+@final
+class _Connection:
+    """One keep-alive HTTP/1.1 connection of the pool."""
+
+    def __init__(self, stream: trio.abc.Stream, where: str) -> None:
+        self.stream = stream
+        self.h11 = h11.Connection(h11.CLIENT)
+        self.where = where
+        self.reused = False
+        # Whether the peer sent anything since the current request went out.
+        self.received_any = False
+
+    async def send(self, *events: h11.Event) -> None:
+        data = b"".join(self.h11.send(event) or b"" for event in events)
+        with map_exceptions(f"connection to {self.where} failed"):
+            await self.stream.send_all(data)
+
+    async def next_event(self) -> h11.Event:
+        while True:
+            try:
+                event = self.h11.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise PeerTransportError(f"{self.where} sent malformed HTTP: {exc}") from None
+            if event is not h11.NEED_DATA:
+                return event  # type: ignore[return-value]  # PAUSED never comes here
+            with map_exceptions(f"connection to {self.where} failed"):
+                data = await self.stream.receive_some(_RECEIVE_SIZE)
+            self.received_any = self.received_any or bool(data)
+            self.h11.receive_data(bytes(data))
+
+    def reusable(self) -> bool:
+        return self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE
+
+
+class _StaleConnectionError(PeerTransportError):
+    """A reused connection died before any answer: the request never reached the peer."""
+
+
+@final
+class _Response:
+    """The answer to one request, read as a whole or line by line."""
+
+    def __init__(self, conn: _Connection, status: int, max_size: int) -> None:
+        self._conn = conn
+        self.status = status
+        self._max_size = max_size
+        self._buffer = bytearray()
+        self._scanned = 0
+        self._ended = False
+
+    async def _more(self) -> bool:
+        event = await self._conn.next_event()
+        if isinstance(event, h11.Data):
+            self._buffer += event.data
+            return True
+        if isinstance(event, h11.EndOfMessage):
+            self._ended = True
+            return False
+        raise PeerTransportError(f"{self._conn.where} closed the connection mid-answer")
+
+    async def read_all(self) -> bytes:
+        """The whole body.
+
+        Raises:
+            PeerLimitError: it is larger than the message size limit.
+            PeerTransportError: the connection failed.
+        """
+        while not self._ended and await self._more():
+            self._check_size(len(self._buffer))
+        return bytes(self._buffer)
+
+    async def next_line(self) -> bytes | None:
+        """The next NDJSON line (without its newline), or None at the end of the body.
+
+        Raises:
+            PeerLimitError: a line is larger than the message size limit.
+            PeerTransportError: the connection failed, or the body ended mid-line.
+        """
+        while True:
+            end = self._buffer.find(b"\n", self._scanned)
+            if end >= 0:
+                line = bytes(self._buffer[:end])
+                del self._buffer[: end + 1]
+                self._scanned = 0
+                if line.strip():
+                    return line
+                continue
+            self._scanned = len(self._buffer)
+            self._check_size(self._scanned)
+            if self._ended or not await self._more():
+                if self._buffer.strip():
+                    raise PeerTransportError("the answer ended in the middle of a line")
+                return None
+
+    def _check_size(self, size: int) -> None:
+        if size > self._max_size:
+            raise grpc.error_for_status(
+                grpc.Status.RESOURCE_EXHAUSTED,
+                f"the answer exceeds the message size limit of {self._max_size} bytes",
+            )
+
+
+@final
+class HttpPeerClient:
+    """A client of a peer's HTTP/JSON routes, over HTTP/1.1 with a keep-alive pool.
+
+    It has the methods of :class:`~peerflow.PeerClient` and raises the same
+    errors. Creating it opens no connection; calls open up to
+    ``max_connections`` keep-alive connections as they need them. Use it as
+    ``async with HttpPeerClient(...) as client:`` (or call :meth:`aclose`
+    when done): closing it releases the ``UNTIL_PARENT_FINISH`` refs its
+    calls received. Inside ``async with`` its leases are renewed in the
+    background; a client used without it renews them when it makes calls.
+
+    Args:
+        base_url: ``http://host:port`` or ``https://host:port``, optionally
+            with a path prefix the routes hang under (a peer behind a
+            reverse proxy).
+        node_id: this caller's node id, sent as ``X-Peerflow-Peer-Node-Id``.
+        tls: the ``ssl.SSLContext`` for ``https`` (default: the system's
+            trust store). It must offer ALPN ``http/1.1`` and not ``h2``,
+            which the peer would pick: ``load_client_tls(..., alpn=("http/1.1",))``.
+        token: the bearer token; defaults to ``PEERFLOW_PEER_TOKEN``; None
+            sends none.
+        limits: ``max_message_size`` bounds an answer (or one streamed
+            line); ``keepalive_timeout`` bounds the goodbyes of closing.
+        lease_ttl: the TTL asked for this client's leases.
+        max_connections: how many connections (so concurrent calls) at most.
+
+    Raises:
+        PeerTransportError: at once, for a bad URL.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        node_id: str,
+        *,
+        tls: ssl.SSLContext | None = None,
+        token: str | object | None = _FROM_ENV,
+        limits: Limits | None = None,
+        lease_ttl: float = 30.0,
+        max_connections: int = 10,
+    ) -> None:
+        self.endpoint, self._prefix = _parse_base_url(base_url)
+        self.node_id = node_id
+        resolved = resolve_peer_token() if token is _FROM_ENV else token
+        if resolved is not None and not isinstance(resolved, str):
+            raise TypeError("token must be a str or None")
+        if self.endpoint.scheme == "https" and tls is None:
+            tls = ssl.create_default_context()
+            tls.set_alpn_protocols(["http/1.1"])
+        self._tls = tls if self.endpoint.scheme == "https" else None
+        self._limits = limits = limits or Limits()
+        self._log = PeerLogger("client", node_id)
+        headers = [
+            (b"host", self.endpoint.authority.encode()),
+            (b"content-type", _JSON),
+            (b"accept", b"application/json, application/x-ndjson"),
+            (grpc.NODE_ID_HEADER.encode(), node_id.encode()),
+        ]
+        if resolved is not None:
+            headers.append(bearer_header(resolved))
+        self._headers: Final = tuple(headers)
+        self._idle: list[_Connection] = []
+        self._limiter = trio.CapacityLimiter(max_connections)
+        self._closed = False
+        self._scopes = RefScopes(
+            lease=self._lease,
+            release=self.release_session_ref,
+            lease_ttl=lease_ttl,
+            goodbye_timeout=limits.keepalive_timeout,
+            log=self._log,
+        )
+        self._running: AbstractAsyncContextManager[None] | None = None
+
+    # -- lifetime --------------------------------------------------------------
+
+    async def __aenter__(self) -> HttpPeerClient:
+        running = self._run()
+        await running.__aenter__()
+        self._running = running
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool | None:
+        running, self._running = self._running, None
+        assert running is not None
+        return await running.__aexit__(exc_type, exc, traceback)
+
+    @asynccontextmanager
+    async def _run(self) -> AsyncIterator[None]:
+        with collapse_excgroups():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._scopes.renew_forever)
+                try:
+                    yield
+                finally:
+                    nursery.cancel_scope.cancel()
+                    with trio.CancelScope(shield=True):
+                        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Release this client's ``UNTIL_PARENT_FINISH`` refs and close its connections.
+
+        Failures to reach the peer are logged: its lease expiry reclaims the
+        refs then. The client cannot be used afterwards.
+        """
+        if self._closed:
+            return
+        with trio.CancelScope(shield=True):
+            await self._scopes.close(self._scopes.root)
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await trio.aclose_forcefully(conn.stream)
+
+    @asynccontextmanager
+    async def ref_scope(self) -> AsyncIterator[None]:
+        """Bind the ``UNTIL_PARENT_FINISH`` refs of calls made inside to this block.
+
+        Leaving the block releases them on the peer. Calls made from tasks
+        started inside the block belong to it too.
+        """
+        async with self._scopes.ref_scope():
+            yield
+
+    # -- calls -----------------------------------------------------------------
+
+    async def invoke_sub_workflow(
+        self,
+        workflow_name: str,
+        step_ids: Iterable[str],
+        input: Any = None,
+        *,
+        timeout: float | None = None,
+    ) -> SubWorkflowResponse:
+        """Run a sub-workflow on the peer and return its response.
+
+        A failed remote run is not raised: check ``response.error`` or call
+        ``response.raise_for_error()``.
+
+        Raises:
+            PeerUnknownStepError: the peer lacks a step; nothing ran.
+            PeerEncodeError: ``input`` cannot travel as JSON (the path names it).
+            PeerTimeoutError: ``timeout`` passed first.
+            PeerTransportError: the connection failed.
+        """
+        scope = self._scopes.current()
+        body = await self._invoke_body(workflow_name, step_ids, input, timeout, scope)
+        response = await self._unary("InvokeSubWorkflow", body, SubWorkflowResponse, timeout)
+        self._scopes.adopt(scope, response)
+        return response
+
+    @asynccontextmanager
+    async def stream_sub_workflow(
+        self,
+        workflow_name: str,
+        step_ids: Iterable[str],
+        input: Any = None,
+        *,
+        timeout: float | None = None,
+    ) -> AsyncIterator[EventStreamCall]:
+        """Run a sub-workflow and iterate its streamed events as they happen.
+
+        ``async for event in call`` yields the remote run's events; then
+        ``call.response`` holds the final response. Leaving the block early
+        cancels the remote run.
+
+        Raises:
+            The same errors as :meth:`invoke_sub_workflow`.
+        """
+        scope = self._scopes.current()
+        body = await self._invoke_body(workflow_name, step_ids, input, timeout, scope)
+        with _deadline_scope(timeout) as timer:
+            async with self._request("StreamSubWorkflow", body) as response:
+
+                async def receive() -> StreamEvent | SubWorkflowResponse | None:
+                    body = await _next_message(response)
+                    return None if body is None else decode_json_stream_body(body)
+
+                yield EventStreamCall(receive, lambda message: self._scopes.adopt(scope, message))
+        if timer.cancelled_caught:
+            raise PeerTimeoutError(f"StreamSubWorkflow timed out after {timeout:g}s")
+
+    async def deref_session_ref(self, ref_uuid: str, *, timeout: float | None = None) -> bytes:
+        """Fetch a remote ref's serialized bytes.
+
+        They arrive as base64 NDJSON chunks; holding the value costs about
+        twice its size while they are joined. Use :meth:`open_session_ref`
+        to process the chunks as they come instead.
+
+        Raises:
+            PeerRefNotFoundError: no such ref for this caller.
+            PeerRefNotSerializableError: the value is live-only on the peer.
+            PeerTimeoutError, PeerTransportError: as for every call.
+        """
+        async with self.open_session_ref(ref_uuid, timeout=timeout) as chunks:
+            parts = [chunk async for chunk in chunks]
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    @asynccontextmanager
+    async def open_session_ref(
+        self, ref_uuid: str, *, timeout: float | None = None
+    ) -> AsyncIterator[AsyncIterator[bytes]]:
+        """Stream a remote ref's bytes: ``async for chunk in chunks`` inside the block.
+
+        Leaving the block early cancels the transfer.
+
+        Raises:
+            The same errors as :meth:`deref_session_ref`.
+        """
+        body = encode_json(DerefSessionRefRequest(ref_uuid))
+        await self._scopes.renew_if_due()
+        with _deadline_scope(timeout) as timer:
+            async with self._request("DerefSessionRef", body) as response:
+                yield _Chunks(response)
+        if timer.cancelled_caught:
+            raise PeerTimeoutError(f"DerefSessionRef timed out after {timeout:g}s")
+
+    async def release_session_ref(self, ref_uuid: str, *, timeout: float | None = None) -> bool:
+        """Release a remote ref; True if the peer found and dropped it."""
+        await self._scopes.renew_if_due()
+        response = await self._unary(
+            "ReleaseSessionRef",
+            encode_json(ReleaseSessionRefRequest(ref_uuid)),
+            ReleaseSessionRefResponse,
+            timeout,
+        )
+        self._scopes.forget(ref_uuid)
+        return response.released
+
+    # -- plumbing --------------------------------------------------------------
+
+    async def _invoke_body(
+        self,
+        workflow_name: str,
+        step_ids: Iterable[str],
+        input: Any,
+        timeout: float | None,
+        scope: RefScope,
+    ) -> bytes:
+        if isinstance(step_ids, str):
+            raise TypeError("step_ids must be a list of step ids, not one str")
+        await self._scopes.renew_if_due()
+        return encode_json(
+            InvokeSubWorkflowRequest(
+                workflow_name,
+                tuple(step_ids),
+                input,
+                timeout_ms=None if timeout is None else math.ceil(timeout * 1000),
+                lease_id=await self._scopes.lease_id_for(scope),
+            )
+        )
+
+    async def _lease(self, request: LeaseRequest) -> LeaseResponse | None:
+        try:
+            return await self._unary("Lease", encode_json(request), LeaseResponse, None)
+        except UnimplementedError:
+            return None
+
+    async def _unary(self, method: str, body: bytes, cls: type[M], timeout: float | None) -> M:
+        with _deadline_scope(timeout):
+            async with self._request(method, body) as response:
+                data = await response.read_all()
+            return decode_json(cls, data)
+        raise PeerTimeoutError(f"{method} timed out after {timeout:g}s")
+
+    @asynccontextmanager
+    async def _request(self, method: str, body: bytes) -> AsyncIterator[_Response]:
+        """Send one request and yield its 200 answer; anything else is raised.
+
+        A connection goes back to the pool only after a complete exchange; a
+        call cancelled midway closes it, which tells the peer to cancel too.
+        """
+        if self._closed:
+            raise PeerTransportError("this HttpPeerClient is closed")
+        target = f"{self._prefix}{JSON_PATH_PREFIX.decode()}{method}".encode()
+        async with self._limiter:
+            conn, response = await self._send(target, body)
+            reusable = False
+            try:
+                if response.status != 200:
+                    raise await _error_from(response)
+                yield response
+                reusable = conn.reusable()
+            finally:
+                if reusable and not self._closed:
+                    conn.h11.start_next_cycle()
+                    conn.reused = True
+                    self._idle.append(conn)
+                else:
+                    await trio.aclose_forcefully(conn.stream)
+
+    async def _send(self, target: bytes, body: bytes) -> tuple[_Connection, _Response]:
+        headers = [*self._headers, (b"content-length", str(len(body)).encode())]
+        deadline = trio.current_effective_deadline()
+        if deadline != math.inf:
+            remaining = max(0, math.ceil((deadline - trio.current_time()) * 1000))
+            headers.append((TIMEOUT_MS_HEADER.encode(), str(remaining).encode()))
+        request = h11.Request(method="POST", target=target, headers=headers)
+        while True:
+            conn = self._idle.pop() if self._idle else await self._connect()
+            conn.received_any = False
+            try:
+                await conn.send(request, h11.Data(data=body), h11.EndOfMessage())
+                status = await _response_status(conn)
+            except BaseException as exc:
+                await trio.aclose_forcefully(conn.stream)
+                # A kept-alive connection the peer closed meanwhile (its idle
+                # timeout): the request never arrived, so it is safe to resend.
+                if isinstance(exc, PeerTransportError) and conn.reused and not conn.received_any:
+                    continue
+                raise
+            return conn, _Response(conn, status, self._limits.max_message_size)
+
+    async def _connect(self) -> _Connection:
+        host, port = self.endpoint.host, self.endpoint.port
+        stream = await connect_tcp(host, port, ssl_context=self._tls)
+        if isinstance(stream, trio.SSLStream) and stream.selected_alpn_protocol() == "h2":
+            await trio.aclose_forcefully(stream)
+            raise PeerTransportError(
+                f"{host}:{port} chose HTTP/2 by ALPN; HttpPeerClient speaks HTTP/1.1: give it "
+                'a TLS context offering "http/1.1" (load_client_tls(..., alpn=("http/1.1",)))'
+            )
+        return _Connection(stream, self.endpoint.authority)
+
+
+def _deadline_scope(timeout: float | None) -> trio.CancelScope:
+    if timeout is None:
+        return trio.CancelScope()
+    return trio.move_on_after(timeout)
+
+
+async def _response_status(conn: _Connection) -> int:
+    while True:
+        event = await conn.next_event()
+        if isinstance(event, h11.Response):
+            return event.status_code
+        if isinstance(event, h11.ConnectionClosed):
+            raise PeerTransportError(f"{conn.where} closed the connection before answering")
+        # 1xx informational answers come before the real one.
+
+
+async def _error_from(response: _Response) -> PeerError:
+    status = _STATUS_FOR_HTTP.get(response.status, grpc.Status.UNKNOWN)
+    details = None
+    with contextlib.suppress(PeerError):  # no usable body: the status alone decides
+        details = parse_json_line(await response.read_all()).error
+    return error_for_details(status, details, f"HTTP {response.status}")
+
+
+async def _next_message(response: _Response) -> dict[str, Any] | None:
+    """The next message line of a streamed answer, or None at its end.
+
+    Raises:
+        PeerError: the answer's last line reported a failure.
+        PeerTransportError: the stream broke off.
+    """
+    raw = await response.next_line()
+    if raw is None:
+        return None
+    line = parse_json_line(raw)
+    if line.error is not None:
+        raise error_for_details(grpc.Status.UNKNOWN, line.error, "")
+    if line.end:
+        if await response.next_line() is not None:
+            raise PeerTransportError("the answer went on after its end line")
+        return None
+    assert line.message is not None
+    return line.message
+
+
+@final
+class _Chunks:
+    """Iterates the payloads of a ``DerefSessionRef`` answer; it must end with its end line."""
+
+    def __init__(self, response: _Response) -> None:
+        self._response = response
+        self._ended = False
+
+    def __aiter__(self) -> _Chunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._ended:
+            raise StopAsyncIteration
+        raw = await self._response.next_line()
+        if raw is None:
+            raise PeerTransportError("DerefSessionRef ended without its end line")
+        line = parse_json_line(raw)
+        if line.error is not None:
+            raise error_for_details(grpc.Status.UNKNOWN, line.error, "")
+        if line.end:
+            self._ended = True
+            if await self._response.next_line() is not None:
+                raise PeerTransportError("the answer went on after its end line")
+            raise StopAsyncIteration
+        return decode_json_body(DerefChunk, line.message).payload

@@ -1,0 +1,270 @@
+"""What the HTTP/JSON and WebSocket clients share: ref scopes held by leases, streamed calls.
+
+Both clients bind the ``UNTIL_PARENT_FINISH`` refs their calls receive to a
+scope (the client itself, or a ``ref_scope()`` block) exactly as
+:class:`~peerflow.PeerClient` does (protocol/README.md section 5): a lease
+on the peer, opened before the scope's first invoke, renewed every third of
+its TTL, closed with the scope. A peer without the ``Lease`` method gets the
+scope's refs released one by one instead.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import math
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Final, final
+
+import trio
+
+from .._engine.events import Event, event_from_wire
+from .._refs.descriptor import RefLifetime
+from .._wire import grpc
+from .._wire.codec import encode_message
+from .._wire.envelopes import (
+    ErrorDetails,
+    LeaseRequest,
+    LeaseResponse,
+    StreamEvent,
+    SubWorkflowResponse,
+)
+from ..errors import PeerError, PeerTransportError
+from .logs import PeerLogger
+
+__all__ = [
+    "EventStreamCall",
+    "RefScope",
+    "RefScopes",
+    "UnimplementedError",
+    "error_for_details",
+]
+
+_PARENT = RefLifetime.UNTIL_PARENT_FINISH
+
+#: Sends one Lease request; None means the peer does not implement ``Lease``.
+LeaseCall = Callable[[LeaseRequest], Awaitable[LeaseResponse | None]]
+
+# The codes the JSON and WebSocket variants send for the rows of section 4
+# that gRPC reports by status alone.
+_STATUS_FOR_CODE: Final = {
+    "internal": grpc.Status.INTERNAL,
+    "unimplemented": grpc.Status.UNIMPLEMENTED,
+    "unavailable": grpc.Status.UNAVAILABLE,
+    "cancelled": grpc.Status.CANCELLED,
+}
+
+
+class UnimplementedError(PeerTransportError):
+    """The peer does not implement the method (UNIMPLEMENTED, HTTP 501)."""
+
+
+def error_for_details(
+    status: grpc.Status | int, details: ErrorDetails | None, message: str
+) -> PeerError:
+    """The error a client raises for a failed call, from the section-4 table.
+
+    ``details`` decide when they name a known error kind; otherwise the
+    status does, as for gRPC. ``message`` stands in when there are no
+    details.
+    """
+    if details is not None:
+        status = _STATUS_FOR_CODE.get(details.code, status)
+        message = details.message
+    error = grpc.error_for_status(
+        status, message, None if details is None else encode_message(details)
+    )
+    if status == grpc.Status.UNIMPLEMENTED and type(error) is PeerTransportError:
+        return UnimplementedError(str(error))
+    return error
+
+
+@final
+class RefScope:
+    """One ref scope of a client: a lease on the peer plus the refs bound to it."""
+
+    def __init__(self) -> None:
+        self.lease_id = str(uuid.uuid4())
+        self.refs: set[str] = set()
+        self.opened = False
+        self.lock = trio.Lock()
+
+
+@final
+class RefScopes:
+    """A client's ref scopes: which one a call belongs to, and their leases.
+
+    Args:
+        lease: sends a Lease request to the peer.
+        release: releases one ref on the peer (for peers without leases).
+        lease_ttl: the TTL asked for; leases are renewed every third of it.
+        goodbye_timeout: how long closing a scope may wait for the peer.
+        log: the client's logger.
+    """
+
+    def __init__(
+        self,
+        *,
+        lease: LeaseCall,
+        release: Callable[[str], Awaitable[bool]],
+        lease_ttl: float,
+        goodbye_timeout: float,
+        log: PeerLogger,
+    ) -> None:
+        self._lease = lease
+        self._release = release
+        self.lease_ttl = lease_ttl
+        self._goodbye_timeout = goodbye_timeout
+        self._log = log
+        self.leases_supported = True
+        self._open: dict[str, RefScope] = {}
+        self.root = RefScope()
+        self._current: contextvars.ContextVar[RefScope] = contextvars.ContextVar(
+            f"peerflow-client-scope-{id(self)}", default=self.root
+        )
+        self._renewed_at = -math.inf
+
+    def current(self) -> RefScope:
+        """The scope that calls made by the current task belong to."""
+        return self._current.get()
+
+    async def lease_id_for(self, scope: RefScope) -> str | None:
+        """Open ``scope``'s lease if that has not been done; return the id invokes carry.
+
+        Raises:
+            PeerError: the Lease call failed (other than by being unimplemented).
+        """
+        if not scope.opened:
+            async with scope.lock:
+                if not scope.opened:
+                    if self.leases_supported:
+                        await self._send_lease(LeaseRequest(scope.lease_id, self._ttl_ms()))
+                    self._open[scope.lease_id] = scope
+                    scope.opened = True
+        return scope.lease_id if self.leases_supported else None
+
+    def adopt(self, scope: RefScope, response: SubWorkflowResponse) -> None:
+        """Bind the ``UNTIL_PARENT_FINISH`` refs of a response to ``scope``."""
+        for ref_uuid, descriptor in response.remote_refs.items():
+            if descriptor.lifetime is _PARENT:
+                scope.refs.add(ref_uuid)
+
+    def forget(self, ref_uuid: str) -> None:
+        """A ref was released explicitly: no scope needs to release it again."""
+        for scope in self._open.values():
+            scope.refs.discard(ref_uuid)
+
+    @asynccontextmanager
+    async def ref_scope(self) -> AsyncIterator[None]:
+        """Run the block in a new scope, closed (its refs released) when the block ends."""
+        scope = RefScope()
+        token = self._current.set(scope)
+        try:
+            yield
+        finally:
+            self._current.reset(token)
+            with trio.CancelScope(shield=True):
+                await self.close(scope)
+
+    async def close(self, scope: RefScope) -> None:
+        """Release a scope's refs on the peer: close its lease, or release them one by one.
+
+        Failures are logged, not raised: the peer's lease expiry (or its
+        connection grace period) reclaims what a failed goodbye leaves.
+        """
+        if self._open.pop(scope.lease_id, None) is None:
+            return  # no call ever used it
+        with trio.move_on_after(self._goodbye_timeout):
+            try:
+                if self.leases_supported:
+                    await self._lease(LeaseRequest(scope.lease_id, 0, close=True))
+                else:
+                    for ref_uuid in list(scope.refs):
+                        await self._release(ref_uuid)
+            except PeerError as exc:
+                self._log.warning("could not release the refs of a closing scope: %s", exc)
+
+    async def renew_forever(self) -> None:
+        """Renew every open lease each third of the TTL, until cancelled."""
+        while True:
+            await trio.sleep(self.lease_ttl / 3)
+            await self.renew()
+
+    async def renew_if_due(self) -> None:
+        """Renew the open leases if a third of the TTL has passed since the last renewal.
+
+        A client used without ``async with`` has no background task: its
+        calls renew its leases instead.
+        """
+        if trio.current_time() - self._renewed_at >= self.lease_ttl / 3 and self._open:
+            await self.renew()
+
+    async def renew(self) -> None:
+        """Renew every open lease now; failures are logged."""
+        self._renewed_at = trio.current_time()
+        if not self.leases_supported:
+            return
+        for scope in list(self._open.values()):
+            try:
+                await self._send_lease(LeaseRequest(scope.lease_id, self._ttl_ms()))
+            except PeerError as exc:
+                self._log.warning("lease renewal failed: %s", exc)
+
+    async def _send_lease(self, request: LeaseRequest) -> None:
+        if await self._lease(request) is None:
+            # A minimal peer: refs are then released one by one at scope exit.
+            self.leases_supported = False
+        self._renewed_at = trio.current_time()
+
+    def _ttl_ms(self) -> int:
+        return int(self.lease_ttl * 1000)
+
+
+@final
+class EventStreamCall:
+    """A running ``StreamSubWorkflow`` call of an HTTP/JSON or WebSocket client.
+
+    It behaves as :class:`~peerflow.StreamCall` does: ``async for event in
+    call`` yields the remote run's events as they happen; then
+    :attr:`response` holds the final response.
+
+    Attributes:
+        response: the final :class:`~peerflow.SubWorkflowResponse`, once the
+            event stream has ended (None before).
+    """
+
+    def __init__(
+        self,
+        receive: Callable[[], Awaitable[StreamEvent | SubWorkflowResponse | None]],
+        adopt: Callable[[SubWorkflowResponse], None],
+    ) -> None:
+        self._receive = receive
+        self._adopt = adopt
+        self.response: SubWorkflowResponse | None = None
+
+    def __aiter__(self) -> EventStreamCall:
+        return self
+
+    async def __anext__(self) -> Event:
+        """The next event of the remote run.
+
+        Raises:
+            StopAsyncIteration: the run ended; :attr:`response` is set.
+            PeerTransportError: the stream ended without a final response.
+            PeerError: the call failed (the error the peer reported).
+        """
+        while True:
+            message = await self._receive()
+            if message is None:
+                if self.response is None:
+                    raise PeerTransportError("StreamSubWorkflow ended without a final response")
+                raise StopAsyncIteration
+            if isinstance(message, StreamEvent):
+                if self.response is not None:
+                    raise PeerTransportError("StreamSubWorkflow sent an event after its response")
+                return event_from_wire({"event_type": message.event_type, "data": message.data})
+            if self.response is not None:
+                raise PeerTransportError("StreamSubWorkflow sent more than one response")
+            self.response = message
+            self._adopt(message)
