@@ -60,7 +60,7 @@ END_STREAM, END_HEADERS = 0x1, 0x4
 @pytest.mark.parametrize(
     ("garbage", "answer"),
     [
-        (b"GET / HTTP/1.1\r\nHost: peer\r\n\r\n", b"HTTP/1.1 505 "),
+        (b"GET / HTTP/1.1\r\nHost: peer\r\n\r\n", b"HTTP/1.1 404 "),  # not a route
         (b"hello, is this the peer?\r\n\r\n", b"HTTP/1.1 400 "),
         (b"PRI * HTTP/2.0\r\n\r\nXY\r\n\r\n", b"HTTP/1.1 400 "),  # a broken preface
     ],
