@@ -28,6 +28,7 @@ from ._peer.pool import PeerPool as PeerPool
 from ._peer.pool import PoolMember as PoolMember
 from ._peer.server import PeerAddress as PeerAddress
 from ._peer.server import PeerServer as PeerServer
+from ._peer.ws_client import WebSocketPeerClient as WebSocketPeerClient
 from ._refs.descriptor import RefLifetime as RefLifetime
 from ._refs.descriptor import RemoteRefDescriptor as RemoteRefDescriptor
 from ._refs.registry import RefEntry as RefEntry
@@ -116,6 +117,7 @@ __all__ = [
     "StreamCall",
     "SubWorkflowResponse",
     "UnroutableEventError",
+    "WebSocketPeerClient",
     "Workflow",
     "WorkflowError",
     "WorkflowHandle",

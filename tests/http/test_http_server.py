@@ -308,16 +308,6 @@ async def test_a_client_that_hangs_up_cancels_its_call(
     assert_no_trace(server)
 
 
-async def test_a_websocket_upgrade_is_recognised(server: PeerServer) -> None:
-    async with memory_connection(server) as conn:
-        reply = await conn.call(
-            b"GET /peerflow.peer.v1/ws HTTP/1.1\r\nhost: p\r\nconnection: upgrade\r\n"
-            b"upgrade: websocket\r\nsec-websocket-version: 13\r\n"
-            b"sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-        )
-        assert reply.status == 501
-
-
 async def test_half_a_call_then_silence_does_not_stop_other_connections(
     server: PeerServer, autojump_clock: trio.testing.MockClock
 ) -> None:

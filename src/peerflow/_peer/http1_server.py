@@ -44,8 +44,9 @@ from .logs import PeerLogger
 __all__ = ["Http1Server", "WebSocketHandler"]
 
 #: Serves one upgraded connection; it gets the stream with the upgrade
-#: request's bytes replayed, and the connection's ref scope holder.
-WebSocketHandler = Callable[[trio.abc.Stream, ClosingConnection], Awaitable[None]]
+#: request's bytes replayed, the connection (its ref scope's holder) and what
+#: the transport proved about the client.
+WebSocketHandler = Callable[[trio.abc.Stream, ClosingConnection, str | None], Awaitable[None]]
 
 _RECEIVE_SIZE: Final = 65536
 _CALL_ID: Final = grpc.CALL_ID_HEADER.encode()
@@ -316,11 +317,17 @@ class _Connection:
         if handler is None:
             await self._refuse(501, "this peer does not serve WebSocket")
             return
+        headers = dict(request.headers)
+        if b"sec-websocket-key" not in headers or headers.get(b"sec-websocket-version") != b"13":
+            # Refused here: the WebSocket library would refuse it too, but
+            # then wait for a handshake that never comes.
+            await self._refuse(400, "a WebSocket upgrade needs Sec-WebSocket-Key and version 13")
+            return
         self._calls += 1
         name_call(None, self, self._calls)
         # The WebSocket library reads the handshake itself: give it the bytes
         # h11 consumed, then the connection.
-        await handler(PrefixedStream(self.stream, bytes(self._head_bytes)), self)
+        await handler(PrefixedStream(self.stream, bytes(self._head_bytes)), self, self.principal)
 
 
 def _head_size(request: h11.Request) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import math
 import ssl
-import urllib.parse
 from collections.abc import AsyncIterator, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from types import TracebackType
@@ -36,7 +35,6 @@ from .._wire.envelopes import (
 from ..errors import PeerError, PeerTimeoutError, PeerTransportError
 from .auth import bearer_header, resolve_peer_token
 from .calls import TIMEOUT_MS_HEADER
-from .client import Endpoint, parse_endpoint
 from .http_json import JSON_PATH_PREFIX
 from .json_codec import (
     JSON_CONTENT_TYPE,
@@ -54,6 +52,8 @@ from .variant_client import (
     RefScopes,
     UnimplementedError,
     error_for_details,
+    parse_base_url,
+    status_for_http,
 )
 
 __all__ = ["HttpPeerClient"]
@@ -63,36 +63,6 @@ M = TypeVar("M")
 _FROM_ENV: Final = object()
 _RECEIVE_SIZE: Final = 65536
 _JSON: Final = JSON_CONTENT_TYPE.encode()
-
-# The gRPC status behind each HTTP status of section 4, for the statuses
-# that mean something without error details (and 413/408/431, the HTTP
-# spellings of a refused body or head).
-_STATUS_FOR_HTTP: Final = {
-    400: grpc.Status.INVALID_ARGUMENT,
-    401: grpc.Status.UNAUTHENTICATED,
-    404: grpc.Status.NOT_FOUND,
-    408: grpc.Status.DEADLINE_EXCEEDED,
-    412: grpc.Status.FAILED_PRECONDITION,
-    413: grpc.Status.RESOURCE_EXHAUSTED,
-    429: grpc.Status.RESOURCE_EXHAUSTED,
-    431: grpc.Status.RESOURCE_EXHAUSTED,
-    499: grpc.Status.CANCELLED,
-    500: grpc.Status.INTERNAL,
-    501: grpc.Status.UNIMPLEMENTED,
-    503: grpc.Status.UNAVAILABLE,
-    504: grpc.Status.DEADLINE_EXCEEDED,
-}
-
-
-def _parse_base_url(base_url: str) -> tuple[Endpoint, str]:
-    if not isinstance(base_url, str):
-        raise PeerTransportError(f"base_url must be a str URI, got {type(base_url).__name__}")
-    parts = urllib.parse.urlsplit(base_url)
-    # A path is a prefix the routes hang under (a peer behind a reverse proxy).
-    endpoint = parse_endpoint(urllib.parse.urlunsplit((parts.scheme, parts.netloc, "", "", "")))
-    if parts.query or parts.fragment:
-        raise PeerTransportError(f"invalid base_url {base_url!r}: no query or fragment allowed")
-    return endpoint, parts.path.rstrip("/")
 
 
 @final
@@ -239,7 +209,7 @@ class HttpPeerClient:
         lease_ttl: float = 30.0,
         max_connections: int = 10,
     ) -> None:
-        self.endpoint, self._prefix = _parse_base_url(base_url)
+        self.endpoint, self._prefix = parse_base_url(base_url)
         self.node_id = node_id
         resolved = resolve_peer_token() if token is _FROM_ENV else token
         if resolved is not None and not isinstance(resolved, str):
@@ -544,7 +514,7 @@ async def _response_status(conn: _Connection) -> int:
 
 
 async def _error_from(response: _Response) -> PeerError:
-    status = _STATUS_FOR_HTTP.get(response.status, grpc.Status.UNKNOWN)
+    status = status_for_http(response.status)
     details = None
     with contextlib.suppress(PeerError):  # no usable body: the status alone decides
         details = parse_json_line(await response.read_all()).error

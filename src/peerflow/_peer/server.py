@@ -24,6 +24,7 @@ from .http_json import H2Exchange, JsonHandler
 from .limits import Limits
 from .logs import PeerLogger
 from .service import PeerService
+from .ws_server import WebSocketServer
 
 __all__ = ["PeerAddress", "PeerServer"]
 
@@ -108,6 +109,7 @@ class PeerServer:
             node_id,
             principal_of=self._transport_principal,
             scope_for=self._scope_for,
+            websocket=WebSocketServer(self.service, limits, gate=gate, scope_for=self._scope_for),
         )
 
     async def serve(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextvars
 import math
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -31,6 +32,7 @@ from .._wire.envelopes import (
     SubWorkflowResponse,
 )
 from ..errors import PeerError, PeerTransportError
+from .client import Endpoint, parse_endpoint
 from .logs import PeerLogger
 
 __all__ = [
@@ -39,6 +41,8 @@ __all__ = [
     "RefScopes",
     "UnimplementedError",
     "error_for_details",
+    "parse_base_url",
+    "status_for_http",
 ]
 
 _PARENT = RefLifetime.UNTIL_PARENT_FINISH
@@ -54,6 +58,53 @@ _STATUS_FOR_CODE: Final = {
     "unavailable": grpc.Status.UNAVAILABLE,
     "cancelled": grpc.Status.CANCELLED,
 }
+
+
+# The gRPC status behind each HTTP status of section 4, for the statuses
+# that mean something without error details (and 413/408/431, the HTTP
+# spellings of a refused body or head).
+_STATUS_FOR_HTTP: Final = {
+    400: grpc.Status.INVALID_ARGUMENT,
+    401: grpc.Status.UNAUTHENTICATED,
+    404: grpc.Status.NOT_FOUND,
+    408: grpc.Status.DEADLINE_EXCEEDED,
+    412: grpc.Status.FAILED_PRECONDITION,
+    413: grpc.Status.RESOURCE_EXHAUSTED,
+    429: grpc.Status.RESOURCE_EXHAUSTED,
+    431: grpc.Status.RESOURCE_EXHAUSTED,
+    499: grpc.Status.CANCELLED,
+    500: grpc.Status.INTERNAL,
+    501: grpc.Status.UNIMPLEMENTED,
+    503: grpc.Status.UNAVAILABLE,
+    504: grpc.Status.DEADLINE_EXCEEDED,
+}
+
+
+def status_for_http(http_status: int) -> grpc.Status:
+    """The gRPC status an HTTP/JSON (or WebSocket handshake) answer stands for."""
+    return _STATUS_FOR_HTTP.get(http_status, grpc.Status.UNKNOWN)
+
+
+def parse_base_url(url: str, *, websocket: bool = False) -> tuple[Endpoint, str]:
+    """Split a base URL into the peer's endpoint and a path prefix (maybe empty).
+
+    ``http`` and ``https`` are accepted, and with ``websocket`` also ``ws``
+    and ``wss`` (the same as ``http`` and ``https``). A path is a prefix the
+    routes hang under: a peer published under a path by a reverse proxy.
+
+    Raises:
+        PeerTransportError: the URL is not of that form.
+    """
+    if not isinstance(url, str):
+        raise PeerTransportError(f"the URL must be a str, got {type(url).__name__}")
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme
+    if websocket:
+        scheme = {"ws": "http", "wss": "https"}.get(scheme, scheme)
+    if parts.query or parts.fragment:
+        raise PeerTransportError(f"invalid URL {url!r}: no query or fragment allowed")
+    endpoint = parse_endpoint(urllib.parse.urlunsplit((scheme, parts.netloc, "", "", "")))
+    return endpoint, parts.path.rstrip("/")
 
 
 class UnimplementedError(PeerTransportError):

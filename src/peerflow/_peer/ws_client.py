@@ -1,0 +1,569 @@
+"""WebSocketPeerClient: calls a peer over one WebSocket, every call multiplexed on it.
+
+For callers that can keep one HTTP/1.1 connection open but cannot speak
+HTTP/2 (a proxy that upgrades WebSockets but not h2, for one). The messages
+are the gRPC variant's msgpack envelopes, wrapped in frames
+(protocol/README.md section 7). One reader task hands each frame to the call
+it names; cancelling a call sends a cancel frame.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import ssl
+from collections.abc import AsyncIterator, Iterable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any, Final, TypeVar, final
+
+import trio
+import trio_websocket
+
+from .._transport.listener import connect_tcp
+from .._transport.mapping import collapse_excgroups
+from .._wire import grpc
+from .._wire.codec import decode_message, decode_stream_message, encode_message
+from .._wire.envelopes import (
+    DerefChunk,
+    DerefSessionRefRequest,
+    ErrorDetails,
+    InvokeSubWorkflowRequest,
+    LeaseRequest,
+    LeaseResponse,
+    ReleaseSessionRefRequest,
+    ReleaseSessionRefResponse,
+    StreamEvent,
+    SubWorkflowResponse,
+)
+from ..errors import PeerError, PeerTimeoutError, PeerTransportError
+from .auth import bearer_header, resolve_peer_token
+from .client import Endpoint
+from .http_json import WEBSOCKET_PATH
+from .json_codec import parse_json_line
+from .limits import Limits
+from .logs import PeerLogger
+from .variant_client import (
+    EventStreamCall,
+    RefScope,
+    RefScopes,
+    UnimplementedError,
+    error_for_details,
+    parse_base_url,
+    status_for_http,
+)
+from .ws_frames import (
+    SUBPROTOCOL,
+    CallFrame,
+    CancelFrame,
+    EndFrame,
+    FrameDecodeError,
+    FrameVersionError,
+    MessageFrame,
+    ServerFrame,
+    decode_server_frame,
+    encode_frame,
+)
+from .ws_server import wait_until_silent
+
+__all__ = ["WebSocketPeerClient", "open_websocket_client_over"]
+
+M = TypeVar("M")
+
+_FROM_ENV: Final = object()
+# Frames a call may have waiting before the reader waits for it (and so for
+# every call on the connection: a WebSocket has no per-call flow control).
+_CALL_BUFFER: Final = 16
+_FRAME_OVERHEAD: Final = 256
+_INVALID_PAYLOAD: Final = 1007
+
+
+@final
+class _CallReader:
+    """The frames of one call, as message bodies, until its end or error frame."""
+
+    def __init__(
+        self, frames: trio.MemoryReceiveChannel[ServerFrame], client: WebSocketPeerClient
+    ) -> None:
+        self._frames = frames
+        self._client = client
+        self.finished = False
+
+    async def next_body(self) -> bytes | None:
+        """The next response message's bytes; None after the end frame.
+
+        Raises:
+            PeerError: the call's error frame, mapped through the status table.
+            PeerTransportError: the connection ended first.
+        """
+        if self.finished:
+            return None
+        try:
+            frame = await self._frames.receive()
+        except trio.EndOfChannel:
+            raise self._client._failed() from None
+        if isinstance(frame, MessageFrame):
+            return frame.body
+        self.finished = True
+        if isinstance(frame, EndFrame):
+            return None
+        try:
+            details: ErrorDetails | None = decode_message(ErrorDetails, frame.error)
+        except PeerError:
+            details = None  # undecodable details are ignored: the status decides
+        raise error_for_details(frame.status, details, "")
+
+
+@final
+class WebSocketPeerClient:
+    """A connection to one peer over one WebSocket: ``async with WebSocketPeerClient.connect(...)``.
+
+    It has the methods of :class:`~peerflow.PeerClient` and raises the same
+    errors. Any number of calls can run concurrently on it. The
+    ``UNTIL_PARENT_FINISH`` refs handed to calls made inside the client's
+    block (or a :meth:`ref_scope`) are released when that block ends.
+    """
+
+    def __init__(
+        self,
+        ws: trio_websocket.WebSocketConnection,
+        transport: trio.abc.Stream,
+        node_id: str,
+        *,
+        limits: Limits,
+        lease_ttl: float,
+    ) -> None:
+        self.node_id = node_id
+        self._ws = ws
+        self._transport = transport
+        self._limits = limits
+        self._log = PeerLogger("client", node_id)
+        self._ids = itertools.count(1)
+        self._calls: dict[int, trio.MemorySendChannel[ServerFrame]] = {}
+        self._failure: PeerTransportError | None = None
+        self._scopes = RefScopes(
+            lease=self._lease,
+            release=self.release_session_ref,
+            lease_ttl=lease_ttl,
+            goodbye_timeout=limits.keepalive_timeout,
+            log=self._log,
+        )
+
+    @staticmethod
+    def connect(
+        url: str,
+        node_id: str,
+        *,
+        tls: ssl.SSLContext | None = None,
+        token: str | object | None = _FROM_ENV,
+        limits: Limits | None = None,
+        lease_ttl: float = 30.0,
+    ) -> AbstractAsyncContextManager[WebSocketPeerClient]:
+        """Open the WebSocket to the peer at ``url`` for the duration of an ``async with``.
+
+        ``url`` is the peer's endpoint, ``http://host:port`` or
+        ``https://host:port`` (``ws://`` and ``wss://`` mean the same),
+        optionally with a path prefix; the client adds
+        ``/peerflow.peer.v1/ws``. With TLS, the context must offer ALPN
+        ``http/1.1`` and not ``h2`` (the default context does). The token
+        defaults to ``PEERFLOW_PEER_TOKEN``; pass None to send none.
+
+        Raises:
+            PeerTransportError: at once for a bad URL; on entering the block
+                when the connection is refused (the message names the
+                address), the TLS handshake fails or the peer refuses the
+                WebSocket (``PeerAuthError`` for a missing or wrong token).
+        """
+        endpoint, prefix = parse_base_url(url, websocket=True)
+        if endpoint.scheme == "https" and tls is None:
+            tls = ssl.create_default_context()
+            tls.set_alpn_protocols(["http/1.1"])
+        resolved = resolve_peer_token() if token is _FROM_ENV else token
+        if resolved is not None and not isinstance(resolved, str):
+            raise TypeError("token must be a str or None")
+        return _open(
+            endpoint,
+            prefix,
+            node_id,
+            tls=tls if endpoint.scheme == "https" else None,
+            token=resolved,
+            limits=limits or Limits(),
+            lease_ttl=lease_ttl,
+        )
+
+    @asynccontextmanager
+    async def ref_scope(self) -> AsyncIterator[None]:
+        """Bind the ``UNTIL_PARENT_FINISH`` refs of calls made inside to this block.
+
+        Leaving the block releases them on the peer. Calls made from tasks
+        started inside the block belong to it too.
+        """
+        async with self._scopes.ref_scope():
+            yield
+
+    # -- calls -----------------------------------------------------------------
+
+    async def invoke_sub_workflow(
+        self,
+        workflow_name: str,
+        step_ids: Iterable[str],
+        input: Any = None,
+        *,
+        timeout: float | None = None,
+    ) -> SubWorkflowResponse:
+        """Run a sub-workflow on the peer and return its response.
+
+        A failed remote run is not raised: check ``response.error`` or call
+        ``response.raise_for_error()``.
+
+        Raises:
+            PeerUnknownStepError: the peer lacks a step; nothing ran.
+            PeerEncodeError: ``input`` is not a wire value (the path names it).
+            PeerTimeoutError: ``timeout`` passed first.
+            PeerTransportError: the connection failed.
+        """
+        scope = self._scopes.current()
+        body = await self._invoke_body(workflow_name, step_ids, input, timeout, scope)
+        response = await self._unary("InvokeSubWorkflow", body, SubWorkflowResponse, timeout)
+        self._scopes.adopt(scope, response)
+        return response
+
+    @asynccontextmanager
+    async def stream_sub_workflow(
+        self,
+        workflow_name: str,
+        step_ids: Iterable[str],
+        input: Any = None,
+        *,
+        timeout: float | None = None,
+    ) -> AsyncIterator[EventStreamCall]:
+        """Run a sub-workflow and iterate its streamed events as they happen.
+
+        ``async for event in call`` yields the remote run's events; then
+        ``call.response`` holds the final response. Leaving the block early
+        cancels the remote run.
+
+        Raises:
+            The same errors as :meth:`invoke_sub_workflow`.
+        """
+        scope = self._scopes.current()
+        body = await self._invoke_body(workflow_name, step_ids, input, timeout, scope)
+        with _deadline_scope(timeout) as timer:
+            async with self._call("StreamSubWorkflow", body) as reader:
+
+                async def receive() -> StreamEvent | SubWorkflowResponse | None:
+                    raw = await reader.next_body()
+                    return None if raw is None else decode_stream_message(raw)
+
+                yield EventStreamCall(receive, lambda message: self._scopes.adopt(scope, message))
+        if timer.cancelled_caught:
+            raise PeerTimeoutError(f"StreamSubWorkflow timed out after {timeout:g}s")
+
+    async def deref_session_ref(self, ref_uuid: str, *, timeout: float | None = None) -> bytes:
+        """Fetch a remote ref's serialized bytes.
+
+        The value arrives in chunks; holding it costs about twice its size
+        while they are joined. Use :meth:`open_session_ref` to process the
+        chunks as they come instead.
+
+        Raises:
+            PeerRefNotFoundError: no such ref for this caller.
+            PeerRefNotSerializableError: the value is live-only on the peer.
+            PeerTimeoutError, PeerTransportError: as for every call.
+        """
+        async with self.open_session_ref(ref_uuid, timeout=timeout) as chunks:
+            parts = [chunk async for chunk in chunks]
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    @asynccontextmanager
+    async def open_session_ref(
+        self, ref_uuid: str, *, timeout: float | None = None
+    ) -> AsyncIterator[AsyncIterator[bytes]]:
+        """Stream a remote ref's bytes: ``async for chunk in chunks`` inside the block.
+
+        Leaving the block early cancels the transfer.
+
+        Raises:
+            The same errors as :meth:`deref_session_ref`.
+        """
+        body = encode_message(DerefSessionRefRequest(ref_uuid))
+        with _deadline_scope(timeout) as timer:
+            async with self._call("DerefSessionRef", body) as reader:
+                yield _Chunks(reader)
+        if timer.cancelled_caught:
+            raise PeerTimeoutError(f"DerefSessionRef timed out after {timeout:g}s")
+
+    async def release_session_ref(self, ref_uuid: str, *, timeout: float | None = None) -> bool:
+        """Release a remote ref; True if the peer found and dropped it."""
+        body = encode_message(ReleaseSessionRefRequest(ref_uuid))
+        response = await self._unary("ReleaseSessionRef", body, ReleaseSessionRefResponse, timeout)
+        self._scopes.forget(ref_uuid)
+        return response.released
+
+    # -- plumbing --------------------------------------------------------------
+
+    async def _invoke_body(
+        self,
+        workflow_name: str,
+        step_ids: Iterable[str],
+        input: Any,
+        timeout: float | None,
+        scope: RefScope,
+    ) -> bytes:
+        if isinstance(step_ids, str):
+            raise TypeError("step_ids must be a list of step ids, not one str")
+        return encode_message(
+            InvokeSubWorkflowRequest(
+                workflow_name,
+                tuple(step_ids),
+                input,
+                timeout_ms=None if timeout is None else math.ceil(timeout * 1000),
+                lease_id=await self._scopes.lease_id_for(scope),
+            )
+        )
+
+    async def _lease(self, request: LeaseRequest) -> LeaseResponse | None:
+        try:
+            return await self._unary("Lease", encode_message(request), LeaseResponse, None)
+        except UnimplementedError:
+            return None
+
+    async def _unary(self, method: str, body: bytes, cls: type[M], timeout: float | None) -> M:
+        with _deadline_scope(timeout):
+            async with self._call(method, body) as reader:
+                message = await reader.next_body()
+                if message is None:
+                    raise PeerTransportError(f"{method}: the peer sent no response message")
+                if await reader.next_body() is not None:
+                    raise PeerTransportError(f"{method}: more than one response message")
+            return decode_message(cls, message)
+        raise PeerTimeoutError(f"{method} timed out after {timeout:g}s")
+
+    @asynccontextmanager
+    async def _call(self, method: str, body: bytes) -> AsyncIterator[_CallReader]:
+        """Start one call and yield its frames; leaving early sends a cancel frame."""
+        if self._failure is not None:
+            raise self._failed()
+        call_id = next(self._ids)
+        send, receive = trio.open_memory_channel[ServerFrame](_CALL_BUFFER)
+        self._calls[call_id] = send
+        deadline = trio.current_effective_deadline()
+        timeout_ms = None
+        if deadline != math.inf:
+            timeout_ms = max(0, math.ceil((deadline - trio.current_time()) * 1000))
+        reader = _CallReader(receive, self)
+        try:
+            await self._send(CallFrame(call_id, method, body, timeout_ms))
+            yield reader
+        finally:
+            del self._calls[call_id]
+            send.close()
+            receive.close()
+            if not reader.finished and self._failure is None:
+                # The peer cancels the run and sends nothing more for this id.
+                with (
+                    trio.CancelScope(shield=True),
+                    trio.move_on_after(self._limits.keepalive_timeout),
+                ):
+                    try:
+                        await self._send(CancelFrame(call_id))
+                    except PeerError as exc:
+                        self._log.debug("could not cancel call %d: %s", call_id, exc)
+
+    async def _send(self, frame: CallFrame | CancelFrame) -> None:
+        """Send one frame whole: a cancelled caller never leaves half a frame behind.
+
+        Raises:
+            PeerTransportError: the connection is gone.
+        """
+        data = encode_frame(frame)
+        with trio.CancelScope(shield=True):
+            try:
+                await self._ws.send_message(data)
+            except trio_websocket.ConnectionClosed as exc:
+                self._fail_calls(_closed_error(exc))
+                raise self._failed() from None
+        await trio.lowlevel.checkpoint_if_cancelled()
+
+    def _failed(self) -> PeerTransportError:
+        failure = self._failure or PeerTransportError("the WebSocket connection closed")
+        return type(failure)(str(failure))
+
+    def _fail_calls(self, failure: PeerTransportError) -> None:
+        if self._failure is None:
+            self._failure = failure
+        for channel in self._calls.values():
+            channel.close()
+
+    async def _watch_liveness(self) -> None:
+        # A peer that vanished without closing must not leave calls hanging.
+        await wait_until_silent(self._ws, self._limits)
+        self._fail_calls(PeerTimeoutError("the peer stopped answering WebSocket pings"))
+        await trio.aclose_forcefully(self._transport)
+
+    async def _read_frames(self) -> None:
+        """Hand each frame from the peer to the call it names, until the connection ends."""
+        try:
+            while True:
+                message = await self._ws.get_message()
+                if isinstance(message, str):
+                    self._fail_calls(PeerTransportError("the peer sent a text WebSocket message"))
+                    await self._ws.aclose(_INVALID_PAYLOAD, "peerflow frames are binary")
+                    return
+                try:
+                    frame = decode_server_frame(message)
+                except (FrameDecodeError, FrameVersionError) as exc:
+                    self._fail_calls(
+                        PeerTransportError(f"the peer sent an undecodable frame: {exc}")
+                    )
+                    await self._ws.aclose(_INVALID_PAYLOAD, "undecodable frame")
+                    return
+                channel = self._calls.get(frame.id)
+                if channel is None:
+                    continue  # a call that was cancelled or has ended
+                # The call may leave while its frame is on the way.
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await channel.send(frame)
+        except trio_websocket.ConnectionClosed as exc:
+            self._fail_calls(_closed_error(exc))
+
+
+def _closed_error(exc: trio_websocket.ConnectionClosed) -> PeerTransportError:
+    reason = exc.reason
+    if reason is None:
+        return PeerTransportError("the WebSocket connection closed")
+    detail = f": {reason.reason}" if reason.reason else ""
+    return PeerTransportError(
+        f"the WebSocket connection closed ({reason.code} {reason.name}{detail})"
+    )
+
+
+def _deadline_scope(timeout: float | None) -> trio.CancelScope:
+    if timeout is None:
+        return trio.CancelScope()
+    return trio.move_on_after(timeout)
+
+
+@final
+class _Chunks:
+    """Iterates the payloads of a ``DerefSessionRef`` call."""
+
+    def __init__(self, reader: _CallReader) -> None:
+        self._reader = reader
+
+    def __aiter__(self) -> _Chunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        body = await self._reader.next_body()
+        if body is None:
+            raise StopAsyncIteration
+        return decode_message(DerefChunk, body).payload
+
+
+def _rejection(exc: trio_websocket.ConnectionRejected) -> PeerError:
+    """The error for a refused handshake: the JSON error body decides, else the status."""
+    details = None
+    if exc.body:
+        try:
+            details = parse_json_line(exc.body).error
+        except PeerError:
+            details = None
+    return error_for_details(
+        status_for_http(exc.status_code),
+        details,
+        f"the peer refused the WebSocket (HTTP {exc.status_code})",
+    )
+
+
+@asynccontextmanager
+async def open_websocket_client_over(
+    transport: trio.abc.Stream,
+    endpoint: Endpoint,
+    prefix: str,
+    node_id: str,
+    *,
+    token: str | None,
+    limits: Limits,
+    lease_ttl: float,
+) -> AsyncIterator[WebSocketPeerClient]:
+    """Run a :class:`WebSocketPeerClient` over an already-open transport (TCP, TLS, in-memory).
+
+    Raises:
+        PeerTransportError: the peer refused the WebSocket, or closed it
+            during the handshake.
+        PeerTimeoutError: the handshake did not complete within
+            ``limits.handshake_timeout``.
+        PeerAuthError: the peer refused the token.
+    """
+    headers = [(grpc.NODE_ID_HEADER.encode(), node_id.encode())]
+    if token is not None:
+        headers.append(bearer_header(token))
+    try:
+        with collapse_excgroups():
+            async with trio.open_nursery() as nursery:  # trio-websocket's reader task
+                ws = None
+                with trio.move_on_after(limits.handshake_timeout):
+                    ws = await trio_websocket.wrap_client_stream(
+                        nursery,
+                        transport,  # type: ignore[arg-type]  # any trio stream works
+                        endpoint.authority,
+                        prefix + WEBSOCKET_PATH.decode(),
+                        subprotocols=[SUBPROTOCOL],
+                        extra_headers=headers,
+                        max_message_size=limits.max_message_size + _FRAME_OVERHEAD,
+                    )
+                if ws is None:
+                    raise PeerTimeoutError(
+                        f"the WebSocket handshake with {endpoint.authority} did not complete "
+                        f"within {limits.handshake_timeout:g}s"
+                    )
+                if ws.subprotocol != SUBPROTOCOL:
+                    raise PeerTransportError(
+                        f"the peer chose WebSocket subprotocol {ws.subprotocol!r}, "
+                        f"not {SUBPROTOCOL!r}"
+                    )
+                client = WebSocketPeerClient(
+                    ws, transport, node_id, limits=limits, lease_ttl=lease_ttl
+                )
+                nursery.start_soon(client._read_frames)
+                nursery.start_soon(client._watch_liveness)
+                nursery.start_soon(client._scopes.renew_forever)
+                try:
+                    yield client
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await client._scopes.close(client._scopes.root)
+                        with trio.move_on_after(limits.keepalive_timeout):
+                            await ws.aclose()
+                    nursery.cancel_scope.cancel()
+    except trio_websocket.ConnectionRejected as exc:
+        raise _rejection(exc) from None
+
+
+@asynccontextmanager
+async def _open(
+    endpoint: Endpoint,
+    prefix: str,
+    node_id: str,
+    *,
+    tls: ssl.SSLContext | None,
+    token: str | None,
+    limits: Limits,
+    lease_ttl: float,
+) -> AsyncIterator[WebSocketPeerClient]:
+    transport = await connect_tcp(endpoint.host, endpoint.port, ssl_context=tls)
+    if isinstance(transport, trio.SSLStream) and transport.selected_alpn_protocol() == "h2":
+        await trio.aclose_forcefully(transport)
+        raise PeerTransportError(
+            f"{endpoint.authority} chose HTTP/2 by ALPN; a WebSocket needs HTTP/1.1: give "
+            'the client a TLS context offering "http/1.1" (load_client_tls(..., '
+            'alpn=("http/1.1",)))'
+        )
+    try:
+        async with open_websocket_client_over(
+            transport, endpoint, prefix, node_id, token=token, limits=limits, lease_ttl=lease_ttl
+        ) as client:
+            yield client
+    finally:
+        await trio.aclose_forcefully(transport)

@@ -1,0 +1,395 @@
+"""The WebSocket front end of a peer: one upgraded connection, many multiplexed calls.
+
+The HTTP/1.1 driver hands over a ``GET /peerflow.peer.v1/ws`` upgrade with
+its bytes replayed; trio-websocket does the handshake and the framing. The
+handshake is where the caller is admitted (token, node id, subprotocol
+``peerflow.v1``); after it, every binary message is a frame
+(:mod:`.ws_frames`): each call frame runs in its own task under its own
+cancel scope, which a cancel frame, the call's deadline or the connection's
+end cancels. Whatever goes wrong with one call becomes that call's error
+frame; a frame that cannot even name its call closes the connection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Final, final
+
+import trio
+import trio_websocket
+
+from .._engine.events import Event, event_to_wire
+from .._wire import grpc
+from .._wire.codec import (
+    decode_message,
+    encode_deref_chunk_header,
+    encode_message,
+    encode_stream_message,
+)
+from .._wire.envelopes import (
+    DerefSessionRefRequest,
+    ErrorDetails,
+    InvokeSubWorkflowRequest,
+    LeaseRequest,
+    ReleaseSessionRefRequest,
+    ReleaseSessionRefResponse,
+    StreamEvent,
+)
+from ..errors import (
+    PeerEncodeError,
+    PeerError,
+    PeerflowError,
+    PeerLimitError,
+    PeerTimeoutError,
+    PeerTransportError,
+)
+from .calls import CallGate, ClosingConnection, deadline_from_timeout_ms, name_call
+from .json_codec import JSON_CONTENT_TYPE, encode_json_error
+from .limits import Limits
+from .logs import PeerLogger
+from .service import Caller, PeerService, unencodable_output
+from .ws_frames import (
+    SUBPROTOCOL,
+    CallFrame,
+    CancelFrame,
+    EndFrame,
+    ErrorFrame,
+    FrameDecodeError,
+    FrameVersionError,
+    MessageFrame,
+    decode_client_frame,
+    encode_frame,
+)
+
+__all__ = ["WebSocketServer", "wait_until_silent"]
+
+_Method = Callable[["_Session", int, bytes, float], Awaitable[None]]
+
+_NODE_ID: Final = grpc.NODE_ID_HEADER.encode()
+# Frames wrap a message in a few bytes of map: the WebSocket message limit
+# leaves room for them above the message size limit.
+_FRAME_OVERHEAD: Final = 256
+# WebSocket close codes (RFC 6455, 7.4.1).
+_UNSUPPORTED_DATA: Final = 1003
+_INVALID_PAYLOAD: Final = 1007
+
+
+@final
+class WebSocketServer:
+    """Serves upgraded WebSocket connections (the HTTP/1.1 driver's ``websocket`` handler).
+
+    Args:
+        service: does the work of each method.
+        limits: message size, deref chunks, handshake and send timeouts.
+        gate: checks the handshake's credentials and names the caller.
+        scope_for: the ref scope of the underlying connection.
+    """
+
+    def __init__(
+        self,
+        service: PeerService,
+        limits: Limits,
+        *,
+        gate: CallGate,
+        scope_for: Callable[[ClosingConnection], Hashable],
+    ) -> None:
+        self.service = service
+        self.limits = limits
+        self._gate = gate
+        self._scope_for = scope_for
+        self.log = PeerLogger("websocket", service.node_id)
+        #: The methods served, by name (every session looks them up here).
+        self.methods: dict[str, _Method] = {
+            "InvokeSubWorkflow": _Session.invoke,
+            "StreamSubWorkflow": _Session.stream,
+            "DerefSessionRef": _Session.deref,
+            "ReleaseSessionRef": _Session.release,
+            "Lease": _Session.lease,
+        }
+
+    async def __call__(
+        self, stream: trio.abc.Stream, connection: ClosingConnection, principal: str | None
+    ) -> None:
+        """Do the handshake on ``stream`` and serve the connection's calls until it closes."""
+        async with trio.open_nursery() as nursery:  # trio-websocket's reader task
+            try:
+                await self._serve(nursery, stream, connection, principal)
+            except trio_websocket.ConnectionClosed:
+                pass  # the client left mid-handshake or mid-frame: nothing to answer
+            finally:
+                nursery.cancel_scope.cancel()
+
+    async def _serve(
+        self,
+        nursery: trio.Nursery,
+        stream: trio.abc.Stream,
+        connection: ClosingConnection,
+        principal: str | None,
+    ) -> None:
+        # The HTTP/1.1 driver has read the whole head: the handshake request
+        # is already here, unless the client sent something wsproto refuses.
+        request: trio_websocket.WebSocketRequest | None = None
+        with trio.move_on_after(self.limits.request_timeout):
+            request = await trio_websocket.wrap_server_stream(
+                nursery,
+                stream,
+                message_queue_size=1,
+                max_message_size=self.limits.max_message_size + _FRAME_OVERHEAD,
+            )
+        if request is None:
+            return
+        if SUBPROTOCOL not in request.proposed_subprotocols:
+            message = f"the WebSocket subprotocol must be {SUBPROTOCOL!r}"
+            await _reject(request, 400, encode_message(ErrorDetails("encode", message)))
+            return
+        headers = dict(request.headers)
+        try:
+            caller = self._gate.admit(
+                headers.get(b"authorization"),
+                headers.get(_NODE_ID),
+                principal,
+                self._scope_for,
+                connection,
+            )
+        except PeerflowError as exc:
+            status, _, details = grpc.status_for_error(exc)
+            await _reject(request, grpc.http_status_for(status), details)
+            return
+        ws = await request.accept(subprotocol=SUBPROTOCOL)
+        try:
+            await _Session(self, ws, stream, caller).run()
+        finally:
+            # A closing handshake when there is time for one; when the server
+            # itself is being cancelled, trio-websocket just closes the stream.
+            with trio.move_on_after(self.limits.keepalive_timeout):
+                await ws.aclose()
+
+
+async def _reject(request: trio_websocket.WebSocketRequest, status: int, details: bytes) -> None:
+    # The same JSON error body as an HTTP/JSON call would get.
+    await request.reject(
+        status,
+        extra_headers=[(b"content-type", JSON_CONTENT_TYPE.encode())],
+        body=encode_json_error(details),
+    )
+
+
+@final
+class _Session:
+    """The calls of one WebSocket connection."""
+
+    def __init__(
+        self,
+        server: WebSocketServer,
+        ws: trio_websocket.WebSocketConnection,
+        stream: trio.abc.Stream,
+        caller: Caller,
+    ) -> None:
+        self._transport = stream
+        self._service = server.service
+        self._limits = server.limits
+        self._log = server.log
+        self._ws = ws
+        self._caller = caller
+        self._running: dict[int, trio.CancelScope] = {}
+        self._broken = False
+        self._methods = server.methods
+
+    async def run(self) -> None:
+        """Read frames and run calls until the connection ends; then cancel every call."""
+        async with trio.open_nursery() as calls:
+            calls.start_soon(self._watch_liveness)
+            try:
+                await self._read_frames(calls)
+            finally:
+                calls.cancel_scope.cancel()
+
+    async def _watch_liveness(self) -> None:
+        # A client that vanished without closing (a half-open connection)
+        # must not hold its calls and its ref scope forever.
+        await wait_until_silent(self._ws, self._limits)
+        self._log.info("closing a WebSocket whose client stopped answering pings")
+        self._broken = True
+        await trio.aclose_forcefully(self._transport)
+
+    async def _read_frames(self, calls: trio.Nursery) -> None:
+        while not self._broken:
+            try:
+                message = await self._ws.get_message()
+            except trio_websocket.ConnectionClosed:
+                return
+            if isinstance(message, str):
+                await self._ws.aclose(_UNSUPPORTED_DATA, "peerflow frames are binary messages")
+                return
+            try:
+                frame = decode_client_frame(message)
+            except (FrameDecodeError, FrameVersionError) as exc:
+                if exc.frame_id is None:
+                    await self._ws.aclose(_INVALID_PAYLOAD, f"undecodable frame: {exc}")
+                    return
+                if exc.frame_id not in self._running:
+                    await self._send_error(exc.frame_id, exc)
+                continue
+            if isinstance(frame, CancelFrame):
+                scope = self._running.get(frame.id)
+                if scope is not None:
+                    scope.cancel()
+                continue
+            if frame.id in self._running:
+                error = PeerEncodeError(f"call {frame.id} is already running", "id")
+                await self._send_error(frame.id, error)
+                continue
+            if len(self._running) >= self._limits.max_concurrent_streams:
+                limit = self._limits.max_concurrent_streams
+                await self._send_error(frame.id, PeerLimitError(f"{limit} calls already running"))
+                continue
+            scope = trio.CancelScope()
+            self._running[frame.id] = scope
+            calls.start_soon(self._call, frame, scope)
+
+    async def _call(self, frame: CallFrame, scope: trio.CancelScope) -> None:
+        name_call(None, self._ws, frame.id)
+        try:
+            with scope:
+                try:
+                    method = self._methods.get(frame.method)
+                    if method is None:
+                        await self._send_unimplemented(frame)
+                        return
+                    deadline = deadline_from_timeout_ms(frame.timeout_ms, "timeout_ms")
+                    with trio.move_on_at(deadline):
+                        await method(self, frame.id, frame.body, deadline)
+                        return
+                    raise PeerTimeoutError("the call's deadline (timeout_ms) passed")
+                except PeerflowError as exc:
+                    await self._send_error(frame.id, exc)
+                except Exception as exc:
+                    self._log.exception("call %s failed", frame.method)
+                    await self._send_error(frame.id, exc)
+        finally:
+            del self._running[frame.id]
+
+    # -- sending -----------------------------------------------------------------
+
+    async def _send(self, frame: MessageFrame | EndFrame | ErrorFrame) -> None:
+        """Send one frame whole: a cancelled call never leaves half a frame behind.
+
+        Raises:
+            PeerTransportError: the connection is gone, or the client took
+                none of the frame within the request timeout (the connection
+                is then closed: it may hold half a frame).
+        """
+        data = encode_frame(frame)
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(self._limits.request_timeout):
+                try:
+                    await self._ws.send_message(data)
+                except trio_websocket.ConnectionClosed:
+                    raise PeerTransportError("the WebSocket connection closed") from None
+                return
+            # Half a frame may be out: the connection cannot carry another.
+            self._broken = True
+            await trio.aclose_forcefully(self._transport)
+            raise PeerTransportError("the client took none of a frame in time")
+
+    async def _send_error(self, frame_id: int, exc: BaseException) -> None:
+        status, _, details = grpc.status_for_error(exc)
+        try:
+            await self._send(ErrorFrame(frame_id, int(status), details))
+        except PeerError:
+            self._log.debug("could not report %r: the connection is gone", exc)
+
+    async def _send_unimplemented(self, frame: CallFrame) -> None:
+        details = ErrorDetails("unimplemented", f"unknown method {frame.method[:200]!r}")
+        try:
+            await self._send(
+                ErrorFrame(frame.id, int(grpc.Status.UNIMPLEMENTED), encode_message(details))
+            )
+        except PeerError:
+            self._log.debug("could not report an unknown method: the connection is gone")
+
+    async def _reply(self, frame_id: int, body: bytes) -> None:
+        await self._send(MessageFrame(frame_id, body))
+        await self._send(EndFrame(frame_id))
+
+    # -- methods -------------------------------------------------------------------
+
+    async def invoke(self, frame_id: int, raw: bytes, deadline: float) -> None:
+        """InvokeSubWorkflow: one response message, then the end frame."""
+        request = decode_message(InvokeSubWorkflowRequest, raw)
+        response = await self._service.invoke(request, self._caller, deadline=deadline)
+        try:
+            body = encode_message(response)
+        except PeerEncodeError as exc:
+            body = encode_message(unencodable_output(response, exc))
+        await self._reply(frame_id, body)
+
+    async def stream(self, frame_id: int, raw: bytes, deadline: float) -> None:
+        """StreamSubWorkflow: a message per event, the response, then the end frame."""
+        request = decode_message(InvokeSubWorkflowRequest, raw)
+
+        async def forward(event: Event) -> None:
+            wire = event_to_wire(event)
+            message = StreamEvent(wire["event_type"], wire["data"])
+            await self._send(MessageFrame(frame_id, encode_stream_message(message)))
+
+        response = await self._service.invoke(
+            request, self._caller, deadline=deadline, on_event=forward
+        )
+        try:
+            body = encode_stream_message(response)
+        except PeerEncodeError as exc:
+            body = encode_stream_message(unencodable_output(response, exc))
+        await self._reply(frame_id, body)
+
+    async def deref(self, frame_id: int, raw: bytes, deadline: float) -> None:
+        """DerefSessionRef: a message per chunk, then the end frame."""
+        request = decode_message(DerefSessionRefRequest, raw)
+        type_tag, payload = self._service.deref(request.ref_uuid, self._caller)
+        chunk = self._limits.max_deref_chunk
+        total = len(payload)
+        offset = 0
+        first = True
+        while first or offset < total:
+            piece = payload[offset : offset + chunk]
+            header = encode_deref_chunk_header(
+                len(piece),
+                type_tag=type_tag if first else None,
+                total_size=total if first else None,
+            )
+            await self._send(MessageFrame(frame_id, header + piece))
+            offset += len(piece)
+            first = False
+        await self._send(EndFrame(frame_id))
+
+    async def release(self, frame_id: int, raw: bytes, deadline: float) -> None:
+        """ReleaseSessionRef: one response message, then the end frame."""
+        request = decode_message(ReleaseSessionRefRequest, raw)
+        released = self._service.release(request.ref_uuid, self._caller)
+        await self._reply(frame_id, encode_message(ReleaseSessionRefResponse(released)))
+
+    async def lease(self, frame_id: int, raw: bytes, deadline: float) -> None:
+        """Lease: one response message, then the end frame."""
+        request = decode_message(LeaseRequest, raw)
+        await self._reply(frame_id, encode_message(self._service.lease(request, self._caller)))
+
+
+async def wait_until_silent(ws: trio_websocket.WebSocketConnection, limits: Limits) -> None:
+    """Ping the other end every ``keepalive_interval``; return once a pong is late.
+
+    A pong later than ``keepalive_timeout`` means the other end is gone (or
+    hopelessly stuck); the caller then drops the connection. Without a
+    ``keepalive_interval`` this never returns.
+    """
+    interval = limits.keepalive_interval
+    if interval is None:
+        await trio.sleep_forever()
+    while True:
+        await trio.sleep(interval)
+        with trio.move_on_after(limits.keepalive_timeout):
+            try:
+                await ws.ping()
+            except trio_websocket.ConnectionClosed:
+                await trio.sleep_forever()  # the reader sees the close and ends the session
+            continue
+        return

@@ -1,0 +1,337 @@
+"""WebSocketPeerClient against a PeerServer: every method, multiplexing, errors, cancellation."""
+
+from __future__ import annotations
+
+import math
+import socket
+
+import pytest
+import trio
+import trio.testing
+import wsproto
+import wsproto.events
+from ws_helpers import open_memory_client
+
+import peerflow
+from peer_steps import Probe
+from peerflow import (
+    Context,
+    DynamicEvent,
+    Limits,
+    PeerServer,
+    StartEvent,
+    WebSocketPeerClient,
+    Workflow,
+)
+from peerflow._peer.client import Endpoint
+from peerflow._peer.ws_client import open_websocket_client_over
+
+TIMEOUT = 20
+CONTEXT = "until_context_drop"
+PARENT = "until_parent_finish"
+EXPLICIT = "until_explicit_drop"
+
+
+def assert_no_trace(server: PeerServer) -> None:
+    assert len(server.refs) == 0
+    stats = server.refs.statistics()
+    assert (stats.runs, stats.scopes) == (0, 0)
+
+
+async def test_invoke_carries_every_wire_value(client: WebSocketPeerClient) -> None:
+    # msgpack, not JSON: NaN, infinities and maps that look like $bytes travel.
+    value = {"f": [math.inf, -0.0, 1e308], "b": b"\x00\xff", "$bytes": "not bytes", "i": 2**64 - 1}
+    response = await client.invoke_sub_workflow("w", ["echo"], value)
+    assert response.result == value
+    nan = await client.invoke_sub_workflow("w", ["echo"], math.nan)
+    assert math.isnan(nan.result)
+    stateful = await client.invoke_sub_workflow("w", ["stateful"], [1])
+    assert stateful.state == {"seen": [1], "node": "node-b"}
+    failed = await client.invoke_sub_workflow("w", ["boom"], None)
+    with pytest.raises(peerflow.PeerWorkflowError, match="kaput"):
+        failed.raise_for_error()
+
+
+async def test_refs_and_their_lifetimes(server: PeerServer) -> None:
+    wanted = [[EXPLICIT, "bytes"], [PARENT, "bytes"], [CONTEXT, "bytes"], [CONTEXT, "opaque"]]
+    async with open_memory_client(server) as client:
+        response = await client.invoke_sub_workflow("w", ["refs"], wanted)
+        explicit, parent, inline, dropped = response.result
+        assert set(response.remote_refs) == {explicit, parent}
+        assert response.inline_refs[inline].payload == b"value-2"
+        assert response.dropped_refs == (dropped,)
+        assert await client.deref_session_ref(parent) == b"value-1"
+        async with client.ref_scope():
+            inner = await client.invoke_sub_workflow("w", ["refs"], [[PARENT, "bytes"]])
+            assert len(server.refs) == 3
+        with pytest.raises(peerflow.PeerRefNotFoundError):
+            await client.deref_session_ref(inner.result[0])
+    # The client's block ended: its parent-scoped ref went; the explicit one stays.
+    assert len(server.refs) == 1
+    async with open_memory_client(server, "node-x") as stranger:
+        with pytest.raises(peerflow.PeerRefNotFoundError):
+            await stranger.deref_session_ref(explicit)
+    async with open_memory_client(server) as owner:
+        assert await owner.release_session_ref(explicit) is True
+        assert await owner.release_session_ref(explicit) is False
+    assert_no_trace(server)
+
+
+async def test_a_peer_without_leases_gets_refs_released_one_by_one(server: PeerServer) -> None:
+    del server._http1.websocket.methods["Lease"]  # type: ignore[union-attr]  # a minimal peer
+    async with open_memory_client(server) as client:
+        await client.invoke_sub_workflow("w", ["refs"], [[PARENT, "bytes"], [PARENT, "bytes"]])
+        assert not client._scopes.leases_supported
+        assert len(server.refs) == 2
+    assert len(server.refs) == 0
+
+
+async def test_stream_yields_events_as_they_happen(
+    client: WebSocketPeerClient, probe: Probe
+) -> None:
+    async with client.stream_sub_workflow("w", ["progress"], None) as call:
+        seen = []
+        async for event in call:
+            seen.append(event)
+            probe.gate.set()
+    assert [event.n for event in seen] == [1, 2]  # type: ignore[attr-defined]
+    assert call.response is not None
+    assert call.response.result == "done"
+
+
+async def test_leaving_a_stream_early_cancels_the_remote_run(
+    client: WebSocketPeerClient, server: PeerServer
+) -> None:
+    stopped = trio.Event()
+
+    @Workflow("ticks", registry=server.service.steps).step("tick", accepts=[StartEvent])
+    async def tick(event: StartEvent, ctx: Context) -> None:
+        ctx.write_event_to_stream(DynamicEvent("tests.Tick", {}))
+        try:
+            await trio.sleep_forever()
+        finally:
+            stopped.set()
+
+    async with client.stream_sub_workflow("w", ["tick"], None) as call:
+        async for _ in call:
+            break
+    await stopped.wait()
+    await trio.testing.wait_all_tasks_blocked()
+    assert call.response is None
+    assert server.refs.statistics().runs == 0
+
+
+async def test_a_16_mib_ref_arrives_in_chunks(client: WebSocketPeerClient) -> None:
+    size = 16 * 1024 * 1024
+    response = await client.invoke_sub_workflow("w", ["big"], size)
+    ref_uuid = response.result
+    sizes = []
+    async with client.open_session_ref(ref_uuid) as chunks:
+        async for chunk in chunks:
+            sizes.append(len(chunk))
+    assert sizes == [1024 * 1024] * 16
+    assert await client.deref_session_ref(ref_uuid) == bytes(range(256)) * (size // 256)
+    assert await client.release_session_ref(ref_uuid)
+
+
+async def test_errors_map_to_the_typed_peer_errors(client: WebSocketPeerClient) -> None:
+    with pytest.raises(peerflow.PeerUnknownStepError) as unknown:
+        await client.invoke_sub_workflow("w", ["nope"], 1)
+    assert unknown.value.step_id == "nope"
+    with pytest.raises(peerflow.PeerRefNotFoundError):
+        await client.deref_session_ref("no-such-ref")
+    response = await client.invoke_sub_workflow("w", ["refs"], [[EXPLICIT, "opaque"]])
+    with pytest.raises(peerflow.PeerRefNotSerializableError):
+        await client.deref_session_ref(response.result[0])
+    assert await client.release_session_ref(response.result[0])
+    with pytest.raises(peerflow.PeerEncodeError) as bad:
+        await client.invoke_sub_workflow("w", ["echo"], {"k": {1, 2}})
+    assert bad.value.path == 'input["k"]'
+    # The connection is fine after all of that.
+    assert (await client.invoke_sub_workflow("w", ["echo"], 1)).result == 1
+
+
+async def test_calls_are_multiplexed_on_the_one_connection(
+    client: WebSocketPeerClient, probe: Probe
+) -> None:
+    results: list[object] = []
+
+    async def gated() -> None:
+        results.append((await client.invoke_sub_workflow("w", ["gated"], None)).result)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(gated)
+        await probe.started.wait()
+        # The gated call is in flight; others overtake it on the same socket.
+        for i in range(10):
+            assert (await client.invoke_sub_workflow("w", ["echo"], i)).result == i
+        probe.gate.set()
+    assert results == ["through the gate"]
+
+
+async def test_a_timeout_raises_and_stops_the_remote_run(
+    client: WebSocketPeerClient,
+    server: PeerServer,
+    probe: Probe,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    start = trio.current_time()
+    with pytest.raises(peerflow.PeerTimeoutError):
+        await client.invoke_sub_workflow("w", ["slow"], 100, timeout=2.5)
+    await probe.stopped.wait()
+    await trio.testing.wait_all_tasks_blocked()
+    assert probe.deadline == pytest.approx(start + 2.5, abs=0.01)
+    assert not probe.finished
+    assert len(server.refs) == 0
+
+
+async def test_the_effective_deadline_travels_and_none_means_none(
+    client: WebSocketPeerClient, probe: Probe, autojump_clock: trio.testing.MockClock
+) -> None:
+    start = trio.current_time()
+    with trio.move_on_after(7):
+        await client.invoke_sub_workflow("w", ["slow"], 100)
+    assert probe.deadline == pytest.approx(start + 7, abs=0.01)
+    assert (await client.invoke_sub_workflow("w", ["slow"], 3)).result == "slept"
+    assert probe.deadline == math.inf
+
+
+async def test_cancelling_a_call_sends_a_cancel_frame(
+    client: WebSocketPeerClient,
+    server: PeerServer,
+    probe: Probe,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.invoke_sub_workflow, "w", ["slow"], 100)
+        await probe.started.wait()
+        nursery.cancel_scope.cancel()
+    await probe.stopped.wait()
+    await trio.testing.wait_all_tasks_blocked()
+    assert probe.cancelled
+    assert len(server.refs) == 0
+    assert (await client.invoke_sub_workflow("w", ["echo"], 1)).result == 1
+
+
+async def test_closing_the_connection_cancels_every_call(
+    server: PeerServer, autojump_clock: trio.testing.MockClock
+) -> None:
+    stopped: list[int] = []
+    started = trio.Event()
+
+    @Workflow("waits", registry=server.service.steps).step("wait", accepts=[StartEvent])
+    async def wait(event: StartEvent, ctx: Context) -> None:
+        try:
+            if event.data == 2:
+                started.set()
+            await trio.sleep_forever()
+        finally:
+            stopped.append(event.data)
+
+    failures: list[Exception] = []
+
+    async def call(client: WebSocketPeerClient, i: int) -> None:
+        try:
+            await client.invoke_sub_workflow("w", ["wait"], i)
+        except peerflow.PeerTransportError as exc:
+            failures.append(exc)
+
+    async with open_memory_client(server) as client:
+        async with trio.open_nursery() as nursery:
+            for i in range(3):
+                nursery.start_soon(call, client, i)
+            await started.wait()
+            await trio.testing.wait_all_tasks_blocked()
+            await trio.aclose_forcefully(client._transport)  # the connection drops
+        assert [str(exc) for exc in failures] == [
+            "the WebSocket connection closed (1006 ABNORMAL_CLOSURE)"
+        ] * 3
+        with pytest.raises(peerflow.PeerTransportError, match="closed"):
+            await client.invoke_sub_workflow("w", ["echo"], 1)
+    await trio.testing.wait_all_tasks_blocked()
+    assert sorted(stopped) == [0, 1, 2]
+    assert server.refs.statistics().runs == 0
+
+
+@pytest.mark.parametrize("token", ["s3cret"])
+async def test_token_auth_at_the_handshake(server: PeerServer) -> None:
+    async with open_memory_client(server, token="s3cret") as client:
+        assert (await client.invoke_sub_workflow("w", ["echo"], 1)).result == 1
+    for token in (None, "wrong"):
+        with pytest.raises(peerflow.PeerAuthError):
+            async with open_memory_client(server, token=token):
+                pass
+
+
+async def test_limits_bound_the_messages(server: PeerServer) -> None:
+    limits = Limits(max_message_size=4096)
+    async with open_memory_client(server, limits=limits) as client:
+        with pytest.raises(peerflow.PeerTransportError, match="1009"):
+            await client.invoke_sub_workflow("w", ["echo"], "x" * 5000)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_connect_over_tcp(server: PeerServer) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            address = await nursery.start(server.serve, "127.0.0.1", 0)
+            url = address.url.replace("http://", "ws://")
+            async with WebSocketPeerClient.connect(url, "node-a", token=None) as client:
+                response = await client.invoke_sub_workflow("w", ["refs"], [[PARENT, "bytes"]])
+                assert await client.deref_session_ref(response.result[0]) == b"value-0"
+            assert len(server.refs) == 0
+            nursery.cancel_scope.cancel()
+
+
+async def test_connection_refused_names_the_address() -> None:
+    port = free_port()
+    with trio.fail_after(TIMEOUT), pytest.raises(peerflow.PeerTransportError) as info:
+        async with WebSocketPeerClient.connect(f"http://127.0.0.1:{port}", "n", token=None):
+            pass
+    assert f"127.0.0.1:{port}" in str(info.value)
+
+
+@pytest.mark.parametrize("url", ["127.0.0.1:80", "ftp://h:1", "ws://", "http://h/?q", 7])
+def test_a_bad_url_fails_at_once(url: object) -> None:
+    with pytest.raises(peerflow.PeerTransportError):
+        WebSocketPeerClient.connect(url, "node-a")  # type: ignore[arg-type]
+
+
+async def test_a_peer_that_stops_answering_pings_fails_the_calls(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    limits = Limits(keepalive_interval=5, keepalive_timeout=2)
+
+    async def silent_peer() -> None:
+        # Accepts the WebSocket, then never reads or answers again.
+        peer = wsproto.WSConnection(wsproto.ConnectionType.SERVER)
+        while True:
+            peer.receive_data(await server_stream.receive_some())
+            for event in peer.events():
+                if isinstance(event, wsproto.events.Request):
+                    accept = wsproto.events.AcceptConnection(subprotocol="peerflow.v1")
+                    await server_stream.send_all(peer.send(accept))
+                    await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(silent_peer)
+        async with open_websocket_client_over(
+            client_stream,
+            Endpoint("http", "memory", 0),
+            "",
+            "node-a",
+            token=None,
+            limits=limits,
+            lease_ttl=30,
+        ) as client:
+            start = trio.current_time()
+            with pytest.raises(peerflow.PeerTimeoutError, match="pings"):
+                await client.release_session_ref("x")
+            assert trio.current_time() - start == pytest.approx(7)
+        nursery.cancel_scope.cancel()
