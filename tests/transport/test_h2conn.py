@@ -680,6 +680,39 @@ async def test_raw_reset_budget_refills_then_cuts_off_a_flood(autojump_clock: ob
         nursery.cancel_scope.cancel()
 
 
+async def test_an_early_answer_waits_for_the_rest_of_the_request(autojump_clock: object) -> None:
+    # Answering before the request has ended must not cut off a client that
+    # is still sending (curl 7.x drops the answer on RST_STREAM); one that
+    # goes on too long is asked to stop with RST_STREAM(NO_ERROR).
+    async def early(stream: ServerStream) -> None:
+        await stream.send_response(OK, b"early", TRAILERS)
+
+    peer, server_side = await _raw_client()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_h2_connection, server_side, early)
+        await peer.wait_for(h2.events.RemoteSettingsChanged)
+        peer.h2.send_headers(1, REQUEST)
+        peer.h2.send_data(1, b"first half")
+        await peer.flush()
+        await peer.wait_for(h2.events.TrailersReceived)
+        peer.h2.send_data(1, b"second half", end_stream=True)
+        await peer.flush()
+        peer.h2.ping(b"no reset")
+        await peer.flush()
+        events = []
+        while not any(isinstance(e, h2.events.PingAckReceived) for e in events):
+            events += await peer.next_events()
+        assert not any(isinstance(e, h2.events.StreamReset) for e in events)
+
+        peer.h2.send_headers(3, REQUEST)
+        await peer.flush()
+        start = trio.current_time()
+        reset = await peer.wait_for(h2.events.StreamReset)
+        assert (reset.stream_id, reset.error_code) == (3, ErrorCodes.NO_ERROR)
+        assert trio.current_time() - start == pytest.approx(1.0)
+        nursery.cancel_scope.cancel()
+
+
 def test_settings_reject_out_of_range_values() -> None:
     with pytest.raises(ValueError, match="max_frame_size"):
         H2Settings(max_frame_size=1000)

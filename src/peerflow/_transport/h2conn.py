@@ -81,6 +81,8 @@ _HPACK_CACHE_ENTRIES = 64
 _HPACK_CACHE_MAX_BLOCK = 1024
 # Header fields remembered as seen once (indexed when seen again).
 _HPACK_SEEN_ENTRIES = 256
+# How long a request may go on arriving after its answer is complete.
+_REQUEST_TAIL_GRACE = 1.0
 # sendmsg takes at most IOV_MAX (1024 on Linux) buffers per call.
 _MAX_SEND_CHUNKS = 64
 _EMPTY = b""
@@ -1640,10 +1642,23 @@ class H2ServerConnection(_Connection):
             if not stream._local_ended:
                 stream.reset(ErrorCodes.CANCEL)
             elif not stream._remote_ended:
-                # The response is complete; tell the client to stop sending.
-                stream.reset(ErrorCodes.NO_ERROR)
+                await self._await_request_end(stream)
             self._discard(stream)
             self._release(stream)
+
+    async def _await_request_end(self, stream: ServerStream) -> None:
+        # The response is complete but the request is not (an early error
+        # answer). RFC 9113 8.1 lets us stop the client with RST_STREAM
+        # (NO_ERROR), but some clients (curl 7.x) then drop the response they
+        # already have; so the rest of a request already on its way gets a
+        # moment to arrive, and only a client still sending after that is
+        # reset. Shielded, so a cancelled handler still releases its stream.
+        with trio.CancelScope(shield=True), trio.move_on_after(_REQUEST_TAIL_GRACE):
+            while not (stream._remote_ended or stream._failure or self._error):
+                self._discard(stream)
+                await stream._lot.park()
+        if not stream._remote_ended:
+            stream.reset(ErrorCodes.NO_ERROR)
 
 
 class H2ClientConnection(_Connection):
