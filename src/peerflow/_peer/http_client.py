@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import ssl
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from types import TracebackType
 from typing import Any, Final, TypeVar, final
@@ -23,12 +23,6 @@ from .._transport.mapping import collapse_excgroups, map_exceptions
 from .._wire import grpc
 from .._wire.envelopes import (
     DerefChunk,
-    DerefSessionRefRequest,
-    InvokeSubWorkflowRequest,
-    LeaseRequest,
-    LeaseResponse,
-    ReleaseSessionRefRequest,
-    ReleaseSessionRefResponse,
     StreamEvent,
     SubWorkflowResponse,
 )
@@ -47,10 +41,9 @@ from .json_codec import (
 from .limits import Limits
 from .logs import PeerLogger
 from .variant_client import (
-    EventStreamCall,
-    RefScope,
+    MessageClient,
     RefScopes,
-    UnimplementedError,
+    deadline_scope,
     error_for_details,
     parse_base_url,
     status_for_http,
@@ -168,7 +161,7 @@ class _Response:
 
 
 @final
-class HttpPeerClient:
+class HttpPeerClient(MessageClient[_Response]):
     """A client of a peer's HTTP/JSON routes, over HTTP/1.1 with a keep-alive pool.
 
     It has the methods of :class:`~peerflow.PeerClient` and raises the same
@@ -286,152 +279,28 @@ class HttpPeerClient:
         for conn in idle:
             await trio.aclose_forcefully(conn.stream)
 
-    @asynccontextmanager
-    async def ref_scope(self) -> AsyncIterator[None]:
-        """Bind the ``UNTIL_PARENT_FINISH`` refs of calls made inside to this block.
+    # -- how calls travel ------------------------------------------------------
 
-        Leaving the block releases them on the peer. Calls made from tasks
-        started inside the block belong to it too.
-        """
-        async with self._scopes.ref_scope():
-            yield
+    _encode = staticmethod(encode_json)
 
-    # -- calls -----------------------------------------------------------------
-
-    async def invoke_sub_workflow(
-        self,
-        workflow_name: str,
-        step_ids: Iterable[str],
-        input: Any = None,
-        *,
-        timeout: float | None = None,
-    ) -> SubWorkflowResponse:
-        """Run a sub-workflow on the peer and return its response.
-
-        A failed remote run is not raised: check ``response.error`` or call
-        ``response.raise_for_error()``.
-
-        Raises:
-            PeerUnknownStepError: the peer lacks a step; nothing ran.
-            PeerEncodeError: ``input`` cannot travel as JSON (the path names it).
-            PeerTimeoutError: ``timeout`` passed first.
-            PeerTransportError: the connection failed.
-        """
-        scope = self._scopes.current()
-        body = await self._invoke_body(workflow_name, step_ids, input, timeout, scope)
-        response = await self._unary("InvokeSubWorkflow", body, SubWorkflowResponse, timeout)
-        self._scopes.adopt(scope, response)
-        return response
-
-    @asynccontextmanager
-    async def stream_sub_workflow(
-        self,
-        workflow_name: str,
-        step_ids: Iterable[str],
-        input: Any = None,
-        *,
-        timeout: float | None = None,
-    ) -> AsyncIterator[EventStreamCall]:
-        """Run a sub-workflow and iterate its streamed events as they happen.
-
-        ``async for event in call`` yields the remote run's events; then
-        ``call.response`` holds the final response. Leaving the block early
-        cancels the remote run.
-
-        Raises:
-            The same errors as :meth:`invoke_sub_workflow`.
-        """
-        scope = self._scopes.current()
-        body = await self._invoke_body(workflow_name, step_ids, input, timeout, scope)
-        with _deadline_scope(timeout) as timer:
-            async with self._request("StreamSubWorkflow", body) as response:
-
-                async def receive() -> StreamEvent | SubWorkflowResponse | None:
-                    body = await _next_message(response)
-                    return None if body is None else decode_json_stream_body(body)
-
-                yield EventStreamCall(receive, lambda message: self._scopes.adopt(scope, message))
-        if timer.cancelled_caught:
-            raise PeerTimeoutError(f"StreamSubWorkflow timed out after {timeout:g}s")
-
-    async def deref_session_ref(self, ref_uuid: str, *, timeout: float | None = None) -> bytes:
-        """Fetch a remote ref's serialized bytes.
-
-        They arrive as base64 NDJSON chunks; holding the value costs about
-        twice its size while they are joined. Use :meth:`open_session_ref`
-        to process the chunks as they come instead.
-
-        Raises:
-            PeerRefNotFoundError: no such ref for this caller.
-            PeerRefNotSerializableError: the value is live-only on the peer.
-            PeerTimeoutError, PeerTransportError: as for every call.
-        """
-        async with self.open_session_ref(ref_uuid, timeout=timeout) as chunks:
-            parts = [chunk async for chunk in chunks]
-        return parts[0] if len(parts) == 1 else b"".join(parts)
-
-    @asynccontextmanager
-    async def open_session_ref(
-        self, ref_uuid: str, *, timeout: float | None = None
-    ) -> AsyncIterator[AsyncIterator[bytes]]:
-        """Stream a remote ref's bytes: ``async for chunk in chunks`` inside the block.
-
-        Leaving the block early cancels the transfer.
-
-        Raises:
-            The same errors as :meth:`deref_session_ref`.
-        """
-        body = encode_json(DerefSessionRefRequest(ref_uuid))
+    async def _before_call(self) -> None:
+        # Used without ``async with``, the client has no renewal task.
         await self._scopes.renew_if_due()
-        with _deadline_scope(timeout) as timer:
-            async with self._request("DerefSessionRef", body) as response:
-                yield _Chunks(response)
-        if timer.cancelled_caught:
-            raise PeerTimeoutError(f"DerefSessionRef timed out after {timeout:g}s")
 
-    async def release_session_ref(self, ref_uuid: str, *, timeout: float | None = None) -> bool:
-        """Release a remote ref; True if the peer found and dropped it."""
-        await self._scopes.renew_if_due()
-        response = await self._unary(
-            "ReleaseSessionRef",
-            encode_json(ReleaseSessionRefRequest(ref_uuid)),
-            ReleaseSessionRefResponse,
-            timeout,
-        )
-        self._scopes.forget(ref_uuid)
-        return response.released
+    def _open_call(self, method: str, body: bytes) -> AbstractAsyncContextManager[_Response]:
+        return self._request(method, body)
 
-    # -- plumbing --------------------------------------------------------------
+    async def _next_stream_message(
+        self, call: _Response
+    ) -> StreamEvent | SubWorkflowResponse | None:
+        body = await _next_message(call)
+        return None if body is None else decode_json_stream_body(body)
 
-    async def _invoke_body(
-        self,
-        workflow_name: str,
-        step_ids: Iterable[str],
-        input: Any,
-        timeout: float | None,
-        scope: RefScope,
-    ) -> bytes:
-        if isinstance(step_ids, str):
-            raise TypeError("step_ids must be a list of step ids, not one str")
-        await self._scopes.renew_if_due()
-        return encode_json(
-            InvokeSubWorkflowRequest(
-                workflow_name,
-                tuple(step_ids),
-                input,
-                timeout_ms=None if timeout is None else math.ceil(timeout * 1000),
-                lease_id=await self._scopes.lease_id_for(scope),
-            )
-        )
-
-    async def _lease(self, request: LeaseRequest) -> LeaseResponse | None:
-        try:
-            return await self._unary("Lease", encode_json(request), LeaseResponse, None)
-        except UnimplementedError:
-            return None
+    def _chunks(self, call: _Response) -> AsyncIterator[bytes]:
+        return _Chunks(call)
 
     async def _unary(self, method: str, body: bytes, cls: type[M], timeout: float | None) -> M:
-        with _deadline_scope(timeout):
+        with deadline_scope(timeout):
             async with self._request(method, body) as response:
                 data = await response.read_all()
             return decode_json(cls, data)
@@ -495,12 +364,6 @@ class HttpPeerClient:
                 'a TLS context offering "http/1.1" (load_client_tls(..., alpn=("http/1.1",)))'
             )
         return _Connection(stream, self.endpoint.authority)
-
-
-def _deadline_scope(timeout: float | None) -> trio.CancelScope:
-    if timeout is None:
-        return trio.CancelScope()
-    return trio.move_on_after(timeout)
 
 
 async def _response_status(conn: _Connection) -> int:

@@ -10,13 +10,14 @@ scope's refs released one by one instead.
 
 from __future__ import annotations
 
+import abc
 import contextvars
 import math
 import urllib.parse
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
-from typing import Final, final
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any, Final, Generic, TypeVar, final
 
 import trio
 
@@ -25,27 +26,36 @@ from .._refs.descriptor import RefLifetime
 from .._wire import grpc
 from .._wire.codec import encode_message
 from .._wire.envelopes import (
+    DerefSessionRefRequest,
     ErrorDetails,
+    InvokeSubWorkflowRequest,
     LeaseRequest,
     LeaseResponse,
+    Message,
+    ReleaseSessionRefRequest,
+    ReleaseSessionRefResponse,
     StreamEvent,
     SubWorkflowResponse,
 )
-from ..errors import PeerError, PeerTransportError
+from ..errors import PeerError, PeerTimeoutError, PeerTransportError
 from .client import Endpoint, parse_endpoint
 from .logs import PeerLogger
 
 __all__ = [
     "EventStreamCall",
+    "MessageClient",
     "RefScope",
     "RefScopes",
     "UnimplementedError",
+    "deadline_scope",
     "error_for_details",
     "parse_base_url",
     "status_for_http",
 ]
 
 _PARENT = RefLifetime.UNTIL_PARENT_FINISH
+M = TypeVar("M")
+R = TypeVar("R")
 
 #: Sends one Lease request; None means the peer does not implement ``Lease``.
 LeaseCall = Callable[[LeaseRequest], Awaitable[LeaseResponse | None]]
@@ -319,3 +329,181 @@ class EventStreamCall:
                 raise PeerTransportError("StreamSubWorkflow sent more than one response")
             self.response = message
             self._adopt(message)
+
+
+class MessageClient(abc.ABC, Generic[R]):
+    """The :class:`~peerflow.PeerClient` methods, once for the HTTP/JSON and WebSocket clients.
+
+    A subclass says how a message is written (:meth:`_encode`), how a call
+    travels (:meth:`_unary`, :meth:`_open_call`) and how its answer reads
+    (:meth:`_next_stream_message`, :meth:`_chunks`), with ``R`` the kind of
+    open call it yields.
+    """
+
+    _scopes: RefScopes
+
+    @staticmethod
+    @abc.abstractmethod
+    def _encode(message: Message) -> bytes:
+        """The request body for ``message`` in this variant's encoding."""
+
+    @abc.abstractmethod
+    async def _unary(self, method: str, body: bytes, cls: type[M], timeout: float | None) -> M:
+        """Make a call with exactly one answer message, of class ``cls``."""
+
+    @abc.abstractmethod
+    def _open_call(self, method: str, body: bytes) -> AbstractAsyncContextManager[R]:
+        """Start a streamed call; leaving the block early cancels it."""
+
+    @abc.abstractmethod
+    async def _next_stream_message(self, call: R) -> StreamEvent | SubWorkflowResponse | None:
+        """The next message of a ``StreamSubWorkflow`` answer, or None at its end."""
+
+    @abc.abstractmethod
+    def _chunks(self, call: R) -> AsyncIterator[bytes]:
+        """The payloads of a ``DerefSessionRef`` answer."""
+
+    async def _before_call(self) -> None:
+        """Runs before each call (a client without a background task renews leases here)."""
+
+    @asynccontextmanager
+    async def ref_scope(self) -> AsyncIterator[None]:
+        """Bind the ``UNTIL_PARENT_FINISH`` refs of calls made inside to this block.
+
+        Leaving the block releases them on the peer. Calls made from tasks
+        started inside the block belong to it too.
+        """
+        async with self._scopes.ref_scope():
+            yield
+
+    async def invoke_sub_workflow(
+        self,
+        workflow_name: str,
+        step_ids: Iterable[str],
+        input: Any = None,
+        *,
+        timeout: float | None = None,
+    ) -> SubWorkflowResponse:
+        """Run a sub-workflow on the peer and return its response.
+
+        A failed remote run is not raised: check ``response.error`` or call
+        ``response.raise_for_error()``.
+
+        Raises:
+            PeerUnknownStepError: the peer lacks a step; nothing ran.
+            PeerEncodeError: ``input`` cannot travel in this variant (the
+                path names the value).
+            PeerTimeoutError: ``timeout`` passed first.
+            PeerTransportError: the connection failed.
+        """
+        scope = self._scopes.current()
+        body = await self._invoke_body(workflow_name, step_ids, input, timeout, scope)
+        response = await self._unary("InvokeSubWorkflow", body, SubWorkflowResponse, timeout)
+        self._scopes.adopt(scope, response)
+        return response
+
+    @asynccontextmanager
+    async def stream_sub_workflow(
+        self,
+        workflow_name: str,
+        step_ids: Iterable[str],
+        input: Any = None,
+        *,
+        timeout: float | None = None,
+    ) -> AsyncIterator[EventStreamCall]:
+        """Run a sub-workflow and iterate its streamed events as they happen.
+
+        ``async for event in call`` yields the remote run's events; then
+        ``call.response`` holds the final response. Leaving the block early
+        cancels the remote run.
+
+        Raises:
+            The same errors as :meth:`invoke_sub_workflow`.
+        """
+        scope = self._scopes.current()
+        body = await self._invoke_body(workflow_name, step_ids, input, timeout, scope)
+        with deadline_scope(timeout) as timer:
+            async with self._open_call("StreamSubWorkflow", body) as call:
+                yield EventStreamCall(
+                    lambda: self._next_stream_message(call),
+                    lambda message: self._scopes.adopt(scope, message),
+                )
+        if timer.cancelled_caught:
+            raise PeerTimeoutError(f"StreamSubWorkflow timed out after {timeout:g}s")
+
+    async def deref_session_ref(self, ref_uuid: str, *, timeout: float | None = None) -> bytes:
+        """Fetch a remote ref's serialized bytes.
+
+        The value arrives in chunks; holding it costs about twice its size
+        while they are joined. Use :meth:`open_session_ref` to process the
+        chunks as they come instead.
+
+        Raises:
+            PeerRefNotFoundError: no such ref for this caller.
+            PeerRefNotSerializableError: the value is live-only on the peer.
+            PeerTimeoutError, PeerTransportError: as for every call.
+        """
+        async with self.open_session_ref(ref_uuid, timeout=timeout) as chunks:
+            parts = [chunk async for chunk in chunks]
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    @asynccontextmanager
+    async def open_session_ref(
+        self, ref_uuid: str, *, timeout: float | None = None
+    ) -> AsyncIterator[AsyncIterator[bytes]]:
+        """Stream a remote ref's bytes: ``async for chunk in chunks`` inside the block.
+
+        Leaving the block early cancels the transfer.
+
+        Raises:
+            The same errors as :meth:`deref_session_ref`.
+        """
+        body = self._encode(DerefSessionRefRequest(ref_uuid))
+        await self._before_call()
+        with deadline_scope(timeout) as timer:
+            async with self._open_call("DerefSessionRef", body) as call:
+                yield self._chunks(call)
+        if timer.cancelled_caught:
+            raise PeerTimeoutError(f"DerefSessionRef timed out after {timeout:g}s")
+
+    async def release_session_ref(self, ref_uuid: str, *, timeout: float | None = None) -> bool:
+        """Release a remote ref; True if the peer found and dropped it."""
+        body = self._encode(ReleaseSessionRefRequest(ref_uuid))
+        await self._before_call()
+        response = await self._unary("ReleaseSessionRef", body, ReleaseSessionRefResponse, timeout)
+        self._scopes.forget(ref_uuid)
+        return response.released
+
+    async def _invoke_body(
+        self,
+        workflow_name: str,
+        step_ids: Iterable[str],
+        input: Any,
+        timeout: float | None,
+        scope: RefScope,
+    ) -> bytes:
+        if isinstance(step_ids, str):
+            raise TypeError("step_ids must be a list of step ids, not one str")
+        await self._before_call()
+        return self._encode(
+            InvokeSubWorkflowRequest(
+                workflow_name,
+                tuple(step_ids),
+                input,
+                timeout_ms=None if timeout is None else math.ceil(timeout * 1000),
+                lease_id=await self._scopes.lease_id_for(scope),
+            )
+        )
+
+    async def _lease(self, request: LeaseRequest) -> LeaseResponse | None:
+        try:
+            return await self._unary("Lease", self._encode(request), LeaseResponse, None)
+        except UnimplementedError:
+            return None
+
+
+def deadline_scope(timeout: float | None) -> trio.CancelScope:
+    """A cancel scope that expires after ``timeout`` seconds, or never for None."""
+    if timeout is None:
+        return trio.CancelScope()
+    return trio.move_on_after(timeout)

@@ -13,9 +13,9 @@ import contextlib
 import itertools
 import math
 import ssl
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any, Final, TypeVar, final
+from typing import Final, TypeVar, final
 
 import trio
 import trio_websocket
@@ -26,13 +26,7 @@ from .._wire import grpc
 from .._wire.codec import decode_message, decode_stream_message, encode_message
 from .._wire.envelopes import (
     DerefChunk,
-    DerefSessionRefRequest,
     ErrorDetails,
-    InvokeSubWorkflowRequest,
-    LeaseRequest,
-    LeaseResponse,
-    ReleaseSessionRefRequest,
-    ReleaseSessionRefResponse,
     StreamEvent,
     SubWorkflowResponse,
 )
@@ -44,10 +38,9 @@ from .json_codec import parse_json_line
 from .limits import Limits
 from .logs import PeerLogger
 from .variant_client import (
-    EventStreamCall,
-    RefScope,
+    MessageClient,
     RefScopes,
-    UnimplementedError,
+    deadline_scope,
     error_for_details,
     parse_base_url,
     status_for_http,
@@ -115,7 +108,7 @@ class _CallReader:
 
 
 @final
-class WebSocketPeerClient:
+class WebSocketPeerClient(MessageClient[_CallReader]):
     """A connection to one peer over one WebSocket: ``async with WebSocketPeerClient.connect(...)``.
 
     It has the methods of :class:`~peerflow.PeerClient` and raises the same
@@ -191,145 +184,24 @@ class WebSocketPeerClient:
             lease_ttl=lease_ttl,
         )
 
-    @asynccontextmanager
-    async def ref_scope(self) -> AsyncIterator[None]:
-        """Bind the ``UNTIL_PARENT_FINISH`` refs of calls made inside to this block.
+    # -- how calls travel ------------------------------------------------------
 
-        Leaving the block releases them on the peer. Calls made from tasks
-        started inside the block belong to it too.
-        """
-        async with self._scopes.ref_scope():
-            yield
+    _encode = staticmethod(encode_message)
 
-    # -- calls -----------------------------------------------------------------
+    def _open_call(self, method: str, body: bytes) -> AbstractAsyncContextManager[_CallReader]:
+        return self._call(method, body)
 
-    async def invoke_sub_workflow(
-        self,
-        workflow_name: str,
-        step_ids: Iterable[str],
-        input: Any = None,
-        *,
-        timeout: float | None = None,
-    ) -> SubWorkflowResponse:
-        """Run a sub-workflow on the peer and return its response.
+    async def _next_stream_message(
+        self, call: _CallReader
+    ) -> StreamEvent | SubWorkflowResponse | None:
+        raw = await call.next_body()
+        return None if raw is None else decode_stream_message(raw)
 
-        A failed remote run is not raised: check ``response.error`` or call
-        ``response.raise_for_error()``.
-
-        Raises:
-            PeerUnknownStepError: the peer lacks a step; nothing ran.
-            PeerEncodeError: ``input`` is not a wire value (the path names it).
-            PeerTimeoutError: ``timeout`` passed first.
-            PeerTransportError: the connection failed.
-        """
-        scope = self._scopes.current()
-        body = await self._invoke_body(workflow_name, step_ids, input, timeout, scope)
-        response = await self._unary("InvokeSubWorkflow", body, SubWorkflowResponse, timeout)
-        self._scopes.adopt(scope, response)
-        return response
-
-    @asynccontextmanager
-    async def stream_sub_workflow(
-        self,
-        workflow_name: str,
-        step_ids: Iterable[str],
-        input: Any = None,
-        *,
-        timeout: float | None = None,
-    ) -> AsyncIterator[EventStreamCall]:
-        """Run a sub-workflow and iterate its streamed events as they happen.
-
-        ``async for event in call`` yields the remote run's events; then
-        ``call.response`` holds the final response. Leaving the block early
-        cancels the remote run.
-
-        Raises:
-            The same errors as :meth:`invoke_sub_workflow`.
-        """
-        scope = self._scopes.current()
-        body = await self._invoke_body(workflow_name, step_ids, input, timeout, scope)
-        with _deadline_scope(timeout) as timer:
-            async with self._call("StreamSubWorkflow", body) as reader:
-
-                async def receive() -> StreamEvent | SubWorkflowResponse | None:
-                    raw = await reader.next_body()
-                    return None if raw is None else decode_stream_message(raw)
-
-                yield EventStreamCall(receive, lambda message: self._scopes.adopt(scope, message))
-        if timer.cancelled_caught:
-            raise PeerTimeoutError(f"StreamSubWorkflow timed out after {timeout:g}s")
-
-    async def deref_session_ref(self, ref_uuid: str, *, timeout: float | None = None) -> bytes:
-        """Fetch a remote ref's serialized bytes.
-
-        The value arrives in chunks; holding it costs about twice its size
-        while they are joined. Use :meth:`open_session_ref` to process the
-        chunks as they come instead.
-
-        Raises:
-            PeerRefNotFoundError: no such ref for this caller.
-            PeerRefNotSerializableError: the value is live-only on the peer.
-            PeerTimeoutError, PeerTransportError: as for every call.
-        """
-        async with self.open_session_ref(ref_uuid, timeout=timeout) as chunks:
-            parts = [chunk async for chunk in chunks]
-        return parts[0] if len(parts) == 1 else b"".join(parts)
-
-    @asynccontextmanager
-    async def open_session_ref(
-        self, ref_uuid: str, *, timeout: float | None = None
-    ) -> AsyncIterator[AsyncIterator[bytes]]:
-        """Stream a remote ref's bytes: ``async for chunk in chunks`` inside the block.
-
-        Leaving the block early cancels the transfer.
-
-        Raises:
-            The same errors as :meth:`deref_session_ref`.
-        """
-        body = encode_message(DerefSessionRefRequest(ref_uuid))
-        with _deadline_scope(timeout) as timer:
-            async with self._call("DerefSessionRef", body) as reader:
-                yield _Chunks(reader)
-        if timer.cancelled_caught:
-            raise PeerTimeoutError(f"DerefSessionRef timed out after {timeout:g}s")
-
-    async def release_session_ref(self, ref_uuid: str, *, timeout: float | None = None) -> bool:
-        """Release a remote ref; True if the peer found and dropped it."""
-        body = encode_message(ReleaseSessionRefRequest(ref_uuid))
-        response = await self._unary("ReleaseSessionRef", body, ReleaseSessionRefResponse, timeout)
-        self._scopes.forget(ref_uuid)
-        return response.released
-
-    # -- plumbing --------------------------------------------------------------
-
-    async def _invoke_body(
-        self,
-        workflow_name: str,
-        step_ids: Iterable[str],
-        input: Any,
-        timeout: float | None,
-        scope: RefScope,
-    ) -> bytes:
-        if isinstance(step_ids, str):
-            raise TypeError("step_ids must be a list of step ids, not one str")
-        return encode_message(
-            InvokeSubWorkflowRequest(
-                workflow_name,
-                tuple(step_ids),
-                input,
-                timeout_ms=None if timeout is None else math.ceil(timeout * 1000),
-                lease_id=await self._scopes.lease_id_for(scope),
-            )
-        )
-
-    async def _lease(self, request: LeaseRequest) -> LeaseResponse | None:
-        try:
-            return await self._unary("Lease", encode_message(request), LeaseResponse, None)
-        except UnimplementedError:
-            return None
+    def _chunks(self, call: _CallReader) -> AsyncIterator[bytes]:
+        return _Chunks(call)
 
     async def _unary(self, method: str, body: bytes, cls: type[M], timeout: float | None) -> M:
-        with _deadline_scope(timeout):
+        with deadline_scope(timeout):
             async with self._call(method, body) as reader:
                 message = await reader.next_body()
                 if message is None:
@@ -436,12 +308,6 @@ def _closed_error(exc: trio_websocket.ConnectionClosed) -> PeerTransportError:
     return PeerTransportError(
         f"the WebSocket connection closed ({reason.code} {reason.name}{detail})"
     )
-
-
-def _deadline_scope(timeout: float | None) -> trio.CancelScope:
-    if timeout is None:
-        return trio.CancelScope()
-    return trio.move_on_after(timeout)
 
 
 @final
