@@ -7,28 +7,7 @@ from collections.abc import AsyncIterator
 import pytest
 from ws_helpers import open_memory_client
 
-from peer_steps import Probe, build_steps
-from peerflow import Limits, PeerServer, WebSocketPeerClient
-
-
-@pytest.fixture
-def probe() -> Probe:
-    return Probe()
-
-
-@pytest.fixture
-def limits() -> Limits:
-    return Limits()
-
-
-@pytest.fixture
-def token() -> str | None:
-    return None
-
-
-@pytest.fixture
-def server(probe: Probe, limits: Limits, token: str | None) -> PeerServer:
-    return PeerServer("node-b", registry=build_steps(probe), token=token, limits=limits)
+from peerflow import PeerServer, WebSocketPeerClient
 
 
 @pytest.fixture
