@@ -41,7 +41,7 @@ from .calls import CallGate, deadline_from_grpc_timeout, name_call
 from .http_json import JSON_PATH_PREFIX
 from .limits import Limits
 from .logs import PeerLogger
-from .service import Caller, PeerService, unencodable_output
+from .service import Caller, PeerService, deref_pieces, encode_response
 
 __all__ = ["GrpcHandler"]
 
@@ -214,11 +214,7 @@ class GrpcHandler:
     ) -> None:
         request = decode_message(InvokeSubWorkflowRequest, raw)
         response = await self._service.invoke(request, caller, deadline=deadline)
-        try:
-            body = encode_message(response)
-        except PeerEncodeError as exc:
-            body = encode_message(unencodable_output(response, exc))
-        await self._unary_reply(stream, body)
+        await self._unary_reply(stream, encode_response(encode_message, response))
 
     async def _stream(
         self, stream: ServerStream, raw: bytes, caller: Caller, deadline: float
@@ -233,10 +229,7 @@ class GrpcHandler:
             await stream.send_data(encode_frame(encode_stream_message(message)))
 
         response = await self._service.invoke(request, caller, deadline=deadline, on_event=forward)
-        try:
-            body = encode_stream_message(response)
-        except PeerEncodeError as exc:
-            body = encode_stream_message(unencodable_output(response, exc))
+        body = encode_response(encode_stream_message, response)
         await stream.send_data(encode_frame(body))
         stream.send_trailers(_OK_TRAILERS)
 
@@ -246,24 +239,13 @@ class GrpcHandler:
         request = decode_message(DerefSessionRefRequest, raw)
         type_tag, payload = self._service.deref(request.ref_uuid, caller)
         stream.send_headers(_RESPONSE_HEADERS)
-        chunk = self._limits.max_deref_chunk
-        total = len(payload)
-        offset = 0
-        first = True
-        while first or offset < total:
-            piece = payload[offset : offset + chunk]
-            header = encode_deref_chunk_header(
-                len(piece),
-                type_tag=type_tag if first else None,
-                total_size=total if first else None,
-            )
+        for piece, tag, total in deref_pieces(type_tag, payload, self._limits.max_deref_chunk):
+            header = encode_deref_chunk_header(len(piece), type_tag=tag, total_size=total)
             # Prefix and chunk header go first, then the slice itself: the
             # value's bytes are never copied into a message.
             await stream.send_data(encode_frame_prefix(len(header) + len(piece)) + header)
             if piece:
                 await stream.send_data(piece)
-            offset += len(piece)
-            first = False
         stream.send_trailers(_OK_TRAILERS)
 
     async def _release(

@@ -29,7 +29,7 @@ from .._wire.envelopes import (
     ReleaseSessionRefResponse,
     StreamEvent,
 )
-from ..errors import PeerEncodeError, PeerError, PeerflowError, PeerLimitError, PeerTimeoutError
+from ..errors import PeerError, PeerflowError, PeerLimitError, PeerTimeoutError
 from .calls import TIMEOUT_MS_HEADER, CallGate, deadline_from_timeout_ms
 from .json_codec import (
     END_LINE,
@@ -43,7 +43,7 @@ from .json_codec import (
 )
 from .limits import Limits
 from .logs import PeerLogger
-from .service import Caller, PeerService, unencodable_output
+from .service import Caller, PeerService, deref_pieces, encode_response
 
 __all__ = [
     "JSON_PATH_PREFIX",
@@ -234,11 +234,7 @@ class JsonHandler:
     ) -> None:
         request = decode_json(InvokeSubWorkflowRequest, raw)
         response = await self._service.invoke(request, caller, deadline=deadline)
-        try:
-            body = encode_json(response)
-        except PeerEncodeError as exc:
-            body = encode_json(unencodable_output(response, exc))
-        await exchange.respond(200, _JSON, body)
+        await exchange.respond(200, _JSON, encode_response(encode_json, response))
 
     async def _stream(
         self, exchange: HttpExchange, raw: bytes, caller: Caller, deadline: float
@@ -253,10 +249,7 @@ class JsonHandler:
             await exchange.send(encode_json_stream_message(message) + b"\n")
 
         response = await self._service.invoke(request, caller, deadline=deadline, on_event=forward)
-        try:
-            line = encode_json_stream_message(response)
-        except PeerEncodeError as exc:
-            line = encode_json_stream_message(unencodable_output(response, exc))
+        line = encode_response(encode_json_stream_message, response)
         await exchange.send(line + b"\n")
         await exchange.end_stream()
 
@@ -266,20 +259,9 @@ class JsonHandler:
         request = decode_json(DerefSessionRefRequest, raw)
         type_tag, payload = self._service.deref(request.ref_uuid, caller)
         await exchange.start_stream(_NDJSON)
-        chunk = self._limits.max_deref_chunk
-        total = len(payload)
-        offset = 0
-        first = True
-        while first or offset < total:
-            piece = payload[offset : offset + chunk]
-            line = encode_json_deref_chunk(
-                piece,
-                type_tag=type_tag if first else None,
-                total_size=total if first else None,
-            )
+        for piece, tag, total in deref_pieces(type_tag, payload, self._limits.max_deref_chunk):
+            line = encode_json_deref_chunk(piece, type_tag=tag, total_size=total)
             await exchange.send(line + b"\n")
-            offset += len(piece)
-            first = False
         await exchange.send(END_LINE)
         await exchange.end_stream()
 

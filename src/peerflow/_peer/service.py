@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable, Iterator
 from typing import Any, final
 
 import attrs
@@ -42,7 +42,7 @@ from .leases import LeaseTable
 from .limits import Limits
 from .logs import PeerLogger
 
-__all__ = ["Caller", "PeerService", "unencodable_output"]
+__all__ = ["Caller", "PeerService", "deref_pieces", "encode_response"]
 
 _CONTEXT = RefLifetime.UNTIL_CONTEXT_DROP
 
@@ -266,19 +266,42 @@ class PeerService:
         await self.leases.run_reaper(task_status=task_status)
 
 
-def unencodable_output(response: SubWorkflowResponse, exc: PeerEncodeError) -> SubWorkflowResponse:
-    """Replace a response whose result or state cannot be encoded with an error.
+def encode_response(
+    encode: Callable[[SubWorkflowResponse], bytes], response: SubWorkflowResponse
+) -> bytes:
+    """Encode ``response`` with ``encode``; output that cannot travel becomes an error.
 
-    Its refs stay listed: they exist on this node, and the caller must be able
-    to release them.
+    A run whose result or state is not a wire value still answers: with
+    ``error`` set instead of that output. Its refs stay listed: they exist on
+    this node, and the caller must be able to release them.
     """
-    return attrs.evolve(
-        response,
-        result=None,
-        state={},
-        error=f"the run's output cannot travel: {exc}",
-        error_type="PeerEncodeError",
-    )
+    try:
+        return encode(response)
+    except PeerEncodeError as exc:
+        return encode(
+            attrs.evolve(
+                response,
+                result=None,
+                state={},
+                error=f"the run's output cannot travel: {exc}",
+                error_type="PeerEncodeError",
+            )
+        )
+
+
+def deref_pieces(
+    type_tag: str, payload: memoryview, chunk_size: int
+) -> Iterator[tuple[memoryview, str | None, int | None]]:
+    """Cut a ref's payload into the pieces of a ``DerefSessionRef`` answer.
+
+    Yields ``(piece, type_tag, total_size)``; only the first piece carries
+    the type tag and total size, and an empty payload is one empty piece.
+    Pieces are views of ``payload``, never copies.
+    """
+    total = len(payload)
+    yield payload[:chunk_size], type_tag, total
+    for offset in range(chunk_size, total, chunk_size):
+        yield payload[offset : offset + chunk_size], None, None
 
 
 def _failure(exc: WorkflowError) -> SubWorkflowResponse:

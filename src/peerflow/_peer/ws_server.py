@@ -47,7 +47,7 @@ from .calls import CallGate, ClosingConnection, deadline_from_timeout_ms, name_c
 from .json_codec import JSON_CONTENT_TYPE, encode_json_error
 from .limits import Limits
 from .logs import PeerLogger
-from .service import Caller, PeerService, unencodable_output
+from .service import Caller, PeerService, deref_pieces, encode_response
 from .ws_frames import (
     SUBPROTOCOL,
     CallFrame,
@@ -318,11 +318,7 @@ class _Session:
         """InvokeSubWorkflow: one response message, then the end frame."""
         request = decode_message(InvokeSubWorkflowRequest, raw)
         response = await self._service.invoke(request, self._caller, deadline=deadline)
-        try:
-            body = encode_message(response)
-        except PeerEncodeError as exc:
-            body = encode_message(unencodable_output(response, exc))
-        await self._reply(frame_id, body)
+        await self._reply(frame_id, encode_response(encode_message, response))
 
     async def stream(self, frame_id: int, raw: bytes, deadline: float) -> None:
         """StreamSubWorkflow: a message per event, the response, then the end frame."""
@@ -336,30 +332,15 @@ class _Session:
         response = await self._service.invoke(
             request, self._caller, deadline=deadline, on_event=forward
         )
-        try:
-            body = encode_stream_message(response)
-        except PeerEncodeError as exc:
-            body = encode_stream_message(unencodable_output(response, exc))
-        await self._reply(frame_id, body)
+        await self._reply(frame_id, encode_response(encode_stream_message, response))
 
     async def deref(self, frame_id: int, raw: bytes, deadline: float) -> None:
         """DerefSessionRef: a message per chunk, then the end frame."""
         request = decode_message(DerefSessionRefRequest, raw)
         type_tag, payload = self._service.deref(request.ref_uuid, self._caller)
-        chunk = self._limits.max_deref_chunk
-        total = len(payload)
-        offset = 0
-        first = True
-        while first or offset < total:
-            piece = payload[offset : offset + chunk]
-            header = encode_deref_chunk_header(
-                len(piece),
-                type_tag=type_tag if first else None,
-                total_size=total if first else None,
-            )
+        for piece, tag, total in deref_pieces(type_tag, payload, self._limits.max_deref_chunk):
+            header = encode_deref_chunk_header(len(piece), type_tag=tag, total_size=total)
             await self._send(MessageFrame(frame_id, header + piece))
-            offset += len(piece)
-            first = False
         await self._send(EndFrame(frame_id))
 
     async def release(self, frame_id: int, raw: bytes, deadline: float) -> None:
