@@ -27,6 +27,15 @@ from peerflow._transport.h2conn import (
 from peerflow.errors import PeerTimeoutError, PeerTransportError, PeerUnavailableError
 
 
+async def _raw_peer(*, as_client: bool) -> tuple[RawPeer, trio.abc.Stream]:
+    """A RawPeer that has sent its preface, and the other end of its stream for the driver."""
+    ours, theirs = trio.testing.memory_stream_pair()
+    peer = RawPeer(ours, client_side=as_client)
+    peer.h2.initiate_connection()
+    await peer.flush()
+    return peer, theirs
+
+
 async def test_request_response_with_data_and_trailers() -> None:
     seen: list[ServerStream] = []
 
@@ -354,11 +363,8 @@ async def test_max_concurrent_streams_makes_the_client_wait() -> None:
 
 
 async def test_keepalive_declares_a_silent_peer_dead(autojump_clock: object) -> None:
-    client_side, server_side = trio.testing.memory_stream_pair()
+    peer, client_side = await _raw_peer(as_client=False)
     settings = H2Settings(keepalive_interval=10.0, keepalive_timeout=5.0)
-    peer = RawPeer(server_side, client_side=False)
-    peer.h2.initiate_connection()
-    await peer.flush()
     async with open_h2_client(client_side, settings) as client:
         await peer.wait_for(h2.events.RemoteSettingsChanged)
         stream = await client.open_stream(REQUEST, end_stream=True)
@@ -411,10 +417,7 @@ async def test_idle_timeout_closes_an_unused_connection(autojump_clock: object) 
 
 
 async def test_client_honours_goaway_last_stream_id() -> None:
-    client_side, server_side = trio.testing.memory_stream_pair()
-    peer = RawPeer(server_side, client_side=False)
-    peer.h2.initiate_connection()
-    await peer.flush()
+    peer, client_side = await _raw_peer(as_client=False)
     async with open_h2_client(client_side) as client:
         first = await client.open_stream(REQUEST, end_stream=True)
         second = await client.open_stream(REQUEST, end_stream=True)
@@ -441,10 +444,7 @@ def _goaway(last_stream_id: int) -> bytes:
 
 
 async def test_client_finishes_a_stream_answered_in_the_same_read_as_goaway() -> None:
-    client_side, server_side = trio.testing.memory_stream_pair()
-    peer = RawPeer(server_side, client_side=False)
-    peer.h2.initiate_connection()
-    await peer.flush()
+    peer, client_side = await _raw_peer(as_client=False)
     async with open_h2_client(client_side) as client:
         stream = await client.open_stream(REQUEST, end_stream=True)
         await peer.wait_for(h2.events.RequestReceived)
@@ -460,10 +460,7 @@ async def test_body_queued_when_goaway_arrives_still_reaches_the_peer(
     autojump_clock: object,
 ) -> None:
     async def attempt() -> bytes:
-        client_side, server_side = trio.testing.memory_stream_pair()
-        peer = RawPeer(server_side, client_side=False)
-        peer.h2.initiate_connection()
-        await peer.flush()
+        peer, client_side = await _raw_peer(as_client=False)
         async with open_h2_client(client_side) as client:
             stream = await client.open_stream(REQUEST)
             await peer.wait_for(h2.events.RequestReceived)
@@ -490,28 +487,17 @@ async def test_body_queued_when_goaway_arrives_still_reaches_the_peer(
 
 
 async def test_peer_vanishing_fails_waiting_streams() -> None:
-    client_side, server_side = trio.testing.memory_stream_pair()
-    peer = RawPeer(server_side, client_side=False)
-    peer.h2.initiate_connection()
-    await peer.flush()
+    peer, client_side = await _raw_peer(as_client=False)
     async with open_h2_client(client_side) as client:
         stream = await client.open_stream(REQUEST, end_stream=True)
         await peer.wait_for(h2.events.RequestReceived)
-        await server_side.aclose()
+        await peer.stream.aclose()
         with pytest.raises(PeerTransportError, match=r"closed the connection|connection lost"):
             await stream.receive_headers()
 
 
-async def _raw_client(handler=echo_handler, settings=None):  # type: ignore[no-untyped-def]
-    client_side, server_side = trio.testing.memory_stream_pair()
-    peer = RawPeer(client_side, client_side=True)
-    peer.h2.initiate_connection()
-    await peer.flush()
-    return peer, server_side
-
-
 async def test_raw_headers_without_path_get_rst_protocol_error() -> None:
-    peer, server_side = await _raw_client()
+    peer, server_side = await _raw_peer(as_client=True)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(serve_h2_connection, server_side, echo_handler)
         bad = [(k, v) for k, v in REQUEST if k != b":path"]
@@ -530,7 +516,7 @@ async def test_raw_headers_without_path_get_rst_protocol_error() -> None:
 
 
 async def test_raw_oversized_header_list_is_refused() -> None:
-    peer, server_side = await _raw_client()
+    peer, server_side = await _raw_peer(as_client=True)
     settings = H2Settings(max_header_list_size=4096)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(serve_h2_connection, server_side, echo_handler, settings)
@@ -545,7 +531,7 @@ async def test_raw_oversized_header_list_is_refused() -> None:
 
 
 async def test_raw_garbage_frame_gets_goaway_and_close() -> None:
-    peer, server_side = await _raw_client()
+    peer, server_side = await _raw_peer(as_client=True)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(serve_h2_connection, server_side, echo_handler)
         await peer.wait_for(h2.events.RemoteSettingsChanged)
@@ -570,7 +556,7 @@ async def test_raw_data_for_reset_streams_is_credited() -> None:
             await stream.send_response(OK, b"still serving")
 
     refuse = [(k, b"/refuse" if k == b":path" else v) for k, v in REQUEST]
-    peer, server_side = await _raw_client()
+    peer, server_side = await _raw_peer(as_client=True)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(serve_h2_connection, server_side, handler, settings)
         await peer.wait_for(h2.events.RemoteSettingsChanged)
@@ -594,7 +580,7 @@ async def test_raw_padded_prioritised_and_continued_frames_are_served() -> None:
     # every other shape to h2; each shape must still be served, and plain
     # frames after them must take the short path again.
     settings = H2Settings(max_frame_size=16384)
-    peer, server_side = await _raw_client()
+    peer, server_side = await _raw_peer(as_client=True)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(serve_h2_connection, server_side, echo_handler, settings)
         await peer.wait_for(h2.events.RemoteSettingsChanged)
@@ -618,7 +604,7 @@ async def test_raw_padded_prioritised_and_continued_frames_are_served() -> None:
 
 
 async def test_raw_request_fed_one_byte_at_a_time() -> None:
-    peer, server_side = await _raw_client()
+    peer, server_side = await _raw_peer(as_client=True)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(serve_h2_connection, server_side, echo_handler)
         await peer.wait_for(h2.events.RemoteSettingsChanged)
@@ -654,7 +640,7 @@ async def test_raw_reset_budget_refills_then_cuts_off_a_flood(autojump_clock: ob
         await trio.sleep_forever()
 
     settings = H2Settings(reset_budget=5)
-    peer, server_side = await _raw_client()
+    peer, server_side = await _raw_peer(as_client=True)
     stream_ids = iter(range(1, 1000, 2))
 
     async def open_and_reset(count: int) -> None:
@@ -687,7 +673,7 @@ async def test_an_early_answer_waits_for_the_rest_of_the_request(autojump_clock:
     async def early(stream: ServerStream) -> None:
         await stream.send_response(OK, b"early", TRAILERS)
 
-    peer, server_side = await _raw_client()
+    peer, server_side = await _raw_peer(as_client=True)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(serve_h2_connection, server_side, early)
         await peer.wait_for(h2.events.RemoteSettingsChanged)
