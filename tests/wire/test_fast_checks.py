@@ -174,13 +174,16 @@ def _body(value: Any) -> dict[str, Any]:
     return {"v": 1, "workflow_name": "wf", "step_ids": ["a"], "input": value}
 
 
-def _packs(body: dict[str, Any]) -> bool:
-    """Whether msgpack packs ``body`` the way the codec does (exact types)."""
+def _scan(body: dict[str, Any]) -> bool:
+    """Pack ``body`` the way the codec does (exact types), then scan it.
+
+    False if msgpack refuses it.
+    """
     try:
-        msgpack.Packer(strict_types=True, default=_pack_default).pack(body)
+        data = msgpack.Packer(strict_types=True, default=_pack_default).pack(body)
     except (TypeError, ValueError, OverflowError):
         return False
-    return True
+    return scan_after_msgpack(body, len(data))
 
 
 @_proofs
@@ -188,7 +191,7 @@ def _packs(body: dict[str, Any]) -> bool:
 def test_scan_after_packing_never_says_yes_wrongly(proof: str, value: Any) -> None:
     body = _body(value)
     with _proving_keys(proof):
-        if _packs(body) and scan_after_msgpack(body):
+        if _scan(body):
             assert locate_problem(body) is None
 
 
@@ -212,15 +215,15 @@ def test_plain_wire_values_pass_the_fast_check(proof: str, value: Any) -> None:
     # The fast path is what makes encoding cheap: ordinary values must not
     # fall through to the slow walk.
     with _proving_keys(proof):
-        assert scan_after_msgpack(_body(value))
+        assert _scan(_body(value))
 
 
 @_proofs
 def test_a_flat_map_passes_only_with_str_keys(proof: str) -> None:
     with _proving_keys(proof):
-        assert scan_after_msgpack({"v": 1, "payload": b"x"})
-        assert not scan_after_msgpack({"v": 1, b"payload": b"x"})
-        assert not scan_after_msgpack({"v": 1, "payload": b"x", 2: None})
+        assert _scan({"v": 1, "payload": b"x"})
+        assert not _scan({"v": 1, b"payload": b"x"})
+        assert not _scan({"v": 1, "payload": b"x", 2: None})
 
 
 @_proofs
@@ -230,7 +233,7 @@ def test_decode_checks_agree_with_locate_problem(proof: str, value: Any) -> None
     body = msgpack.unpackb(data, strict_map_key=True)
     valid = locate_problem(body, decoded=True) is None
     with _proving_keys(proof):
-        assert valid or not scan_after_msgpack(body)
+        assert valid or not scan_after_msgpack(body, len(data))
         if not any(marker in data for marker in (b"\xc4", b"\xc5", b"\xc6", b"\xff")):
             # The bytes rule out timestamps and bytes keys: depth decides alone.
             assert within_depth(body) is valid
@@ -255,8 +258,8 @@ def test_an_empty_container_one_level_too_deep_is_refused(proof: str, container:
     assert not within_depth(body)
     assert within_depth({"v": 1, "input": value[0]})
     with _proving_keys(proof):
-        assert not scan_after_msgpack(body)
-        assert scan_after_msgpack({"v": 1, "input": value[0]})
+        assert not _scan(body)
+        assert _scan({"v": 1, "input": value[0]})
 
 
 def test_a_cycle_is_refused_as_too_deep() -> None:
@@ -301,6 +304,41 @@ def test_str_keys_in_a_general_table_are_accepted(proof: str) -> None:
             "kind": "event",
             "event": {"event_type": "E", "data": {"g": {"a": 1, "b": [2]}}},
         }
+
+
+@pytest.mark.skipif(sys.implementation.name != "cpython", reason="CPython's gc details")
+def test_extension_values_keep_the_walk_going_here() -> None:
+    # The fast check finds extension values only through this.
+    assert values._EXTENSIONS_NEVER_END
+
+
+@pytest.mark.parametrize("extension", [msgpack.Timestamp(1, 0), msgpack.ExtType(5, b"x")])
+@pytest.mark.parametrize("claimed_size", [None, 1 << 40])
+def test_a_walk_that_leaves_the_message_stops_soon(
+    extension: Any, claimed_size: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Past an extension value the walk reaches classes, modules and the rest
+    # of the heap. The message's size stops it, and for a message that claims
+    # to be huge, the check of each level's types after _UNCHECKED_VALUES.
+    seen: list[int] = []
+
+    def counting(*objects: Any) -> list[Any]:
+        found = get_referents(*objects)
+        seen.append(len(found))
+        return found
+
+    body = {"v": 1, "input": {"rows": [1, extension]}}
+    size = claimed_size or len(msgpack.Packer(strict_types=True).pack(body))
+    monkeypatch.setattr(values, "get_referents", counting)
+    assert not scan_after_msgpack(body, size)
+    assert len(seen) < MAX_DEPTH
+    assert sum(seen) < 100 * values._UNCHECKED_VALUES
+
+
+def test_a_large_message_is_cleared_with_its_types_checked() -> None:
+    rows = [{"id": i, "tags": ["a", b"b"], "t": (i,)} for i in range(values._UNCHECKED_VALUES)]
+    assert _scan({"v": 1, "input": rows})
+    assert not _scan({"v": 1, "input": [*rows, {"when": msgpack.Timestamp(1, 0)}]})
 
 
 @pytest.mark.skipif(sys.implementation.name != "cpython", reason="CPython's gc details")

@@ -414,7 +414,7 @@ def _pack(body: dict[str, Any]) -> bytes:
         data: bytes = msgpack.Packer(strict_types=True, default=_pack_default).pack(body)
     except (TypeError, ValueError, OverflowError) as exc:
         raise locate_problem(body) or PeerEncodeError(f"cannot pack: {exc}") from None
-    if not scan_after_msgpack(body):
+    if not scan_after_msgpack(body, len(data)):
         problem = locate_problem(body)
         if problem is not None:
             raise problem
@@ -489,7 +489,7 @@ def _is_wire_value(body: dict[str, Any], data: bytes | bytearray | memoryview) -
         raw = data.tobytes() if isinstance(data, memoryview) else data
         if not raw.translate(None, _INNOCENT_BYTES):
             return within_depth(body)
-    return scan_after_msgpack(body)
+    return scan_after_msgpack(body, size)
 
 
 def _structure(body: dict[str, Any], cls: type[M]) -> M:

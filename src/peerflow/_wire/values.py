@@ -56,13 +56,11 @@ _INT_MAX = 2**64 - 1
 _DECODED_LEAVES = frozenset({type(None), bool, int, float, str, bytes})
 _ENCODABLE_LEAVES = _DECODED_LEAVES | {bytearray, memoryview}
 
-# The types msgpack packs (with exact types) or unpacks that need a second
-# look: extension values are not wire values, and a memoryview refers to the
-# owner of its buffer, which is not ours to walk.
-_REFUSED = frozenset({ExtType, Timestamp})
-_UNUSUAL = _REFUSED | {memoryview}
-
-_is_dict = dict.__instancecheck__
+# What scan_after_msgpack's walk meets in a message it can clear (a
+# memoryview leads out of the message, to its buffer, so it is not here), and
+# how many values it walks before it starts checking for them.
+_WALKED_TYPES = _DECODED_LEAVES | {bytearray, list, tuple, dict}
+_UNCHECKED_VALUES = 1 << 16
 
 
 class _Probe:
@@ -86,6 +84,20 @@ def _dicts_show_values() -> bool:
     probe = _Probe()
     probe.value = None
     return len(get_referents(vars(probe))) == 1
+
+
+def _extensions_never_end() -> bool:
+    # An extension value lists its class among its referents, and the class
+    # lists its __mro__, which lists the class again: a walk through one never
+    # reaches a level without referents. gc.get_referents promises no such
+    # thing, hence the check; msgpack lets only these two through.
+    for value in (ExtType(0, b""), Timestamp(0)):
+        cls = type(value)
+        if not any(item is cls for item in get_referents(value)):
+            return False
+        if not any(item is cls.__mro__ for item in get_referents(cls)):
+            return False
+    return True
 
 
 def _counted_together(dicts: list[dict[Any, Any]]) -> bool:
@@ -116,56 +128,61 @@ def _joined(dicts: list[dict[Any, Any]]) -> bool:
 _KEYS_COUNTED = _dicts_show_str_keys()
 _SKIP_LEAF_LEVEL = _KEYS_COUNTED and _dicts_show_values()
 _str_keyed = _counted_together if _SKIP_LEAF_LEVEL else _counted_each if _KEYS_COUNTED else _joined
+# Where a walk could end beside an extension value, scan_after_msgpack only
+# ever says "maybe not", and locate_problem decides.
+_EXTENSIONS_NEVER_END = _extensions_never_end()
 
 
-def scan_after_msgpack(message: dict[str, Any]) -> bool:
+def scan_after_msgpack(message: dict[str, Any], size: int) -> bool:
     """Return True if ``message`` is a wire value, given msgpack has vetted it.
 
     ``message`` must have just been packed with exact types (see the codec)
-    or unpacked; then every leaf has a wire type, and this only looks for
-    what msgpack lets through. The map's own keys are checked too. False
-    means "maybe not": ask :func:`locate_problem`, which names the problem
-    or clears the message.
+    into ``size`` bytes, or unpacked from them; then every leaf has a wire
+    type or is one of what msgpack lets through: a map key that is not a
+    str, an extension value, a memoryview, or nesting deeper than
+    :data:`MAX_DEPTH`. The map's own keys are checked too. False means
+    "maybe not": ask :func:`locate_problem`, which names the problem or
+    clears the message.
     """
     # The hot path of every encode and large decode. Python bytecode per item
     # costs more than the packing itself, so the walk goes one nesting level
     # at a time and leaves the per-item work to C: gc.get_referents lists the
     # values of every dict and the items of every list in a level (scalars
-    # have none), and one set of their types says what the level holds.
-    # Containers can form cycles, so the walk is bounded by MAX_DEPTH.
+    # have none). Extension values need no look of their own: they list their
+    # class, whose __mro__ lists it again, so a walk that meets one never runs
+    # out of levels (checked at import). It would go on through the rest of
+    # the heap, so it is bounded: every value packs into at least one byte,
+    # and a walk that has seen more values than the message has bytes, or
+    # than _UNCHECKED_VALUES, looks at the types of each further level and
+    # stops at the first that is not all wire types. What is left is one pass
+    # over the containers for the map keys.
+    if not _EXTENSIONS_NEVER_END:
+        return False
     level = get_referents(message)
-    below = get_referents(*level)
     if _KEYS_COUNTED:
         # The map's own keys. (Were it an object's __dict__ hiding its values,
         # the count would only come up short: a "maybe not".)
         if len(level) != len(message):
             return False
-        if not below and _SKIP_LEAF_LEVEL:
-            return True  # a flat map, such as a deref chunk
-        dicts = []
+        parents = []
     else:
-        dicts = [message]
+        parents = [message]
+    unchecked = (size if size < _UNCHECKED_VALUES else _UNCHECKED_VALUES) - len(level)
     for _ in range(MAX_DEPTH):
-        if not below and _SKIP_LEAF_LEVEL:
-            # Nothing here has referents, so each item is a scalar msgpack
-            # accepted or an empty container: nothing left to look at.
-            # (Extension values and memoryviews always have referents.)
-            break
-        kinds = set(map(type, level))
-        if dict in kinds:
-            dicts += filter(_is_dict, level)
-        if not kinds.isdisjoint(_UNUSUAL):
-            if not kinds.isdisjoint(_REFUSED):
-                return False
-            below = get_referents(*[item for item in level if type(item) is not memoryview])
+        below = get_referents(*level)
         if not below:
             break
+        parents += level
+        unchecked -= len(below)
+        if unchecked < 0 and not _WALKED_TYPES.issuperset(map(type, below)):
+            return False
         level = below
-        below = get_referents(*level)
     else:
-        # Something sits MAX_DEPTH + 1 levels down, which is fine only if it
-        # is not a container: rare enough to leave to locate_problem.
         return False
+    if not _SKIP_LEAF_LEVEL:
+        # Here a dict may hide its values, and so have no referents.
+        parents += level
+    dicts = [item for item in parents if type(item) is dict]
     return not dicts or _str_keyed(dicts)
 
 
