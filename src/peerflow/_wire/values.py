@@ -182,6 +182,8 @@ def scan_after_msgpack(message: dict[str, Any], size: int) -> bool:
     if not _SKIP_LEAF_LEVEL:
         # Here a dict may hide its values, and so have no referents.
         parents += level
+    elif not parents:
+        return True  # a flat map, such as a deref chunk
     dicts = [item for item in parents if type(item) is dict]
     return not dicts or _str_keyed(dicts)
 
