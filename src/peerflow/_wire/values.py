@@ -167,9 +167,11 @@ def scan_after_msgpack(message: dict[str, Any], size: int) -> bool:
         parents = []
     else:
         parents = [message]
+    below = get_referents(*level)
+    if not below and _SKIP_LEAF_LEVEL:
+        return True  # a flat map, such as a deref chunk
     unchecked = (size if size < _UNCHECKED_VALUES else _UNCHECKED_VALUES) - len(level)
     for _ in range(MAX_DEPTH):
-        below = get_referents(*level)
         if not below:
             break
         parents += level
@@ -177,13 +179,12 @@ def scan_after_msgpack(message: dict[str, Any], size: int) -> bool:
         if unchecked < 0 and not _WALKED_TYPES.issuperset(map(type, below)):
             return False
         level = below
+        below = get_referents(*level)
     else:
         return False
     if not _SKIP_LEAF_LEVEL:
         # Here a dict may hide its values, and so have no referents.
         parents += level
-    elif not parents:
-        return True  # a flat map, such as a deref chunk
     dicts = [item for item in parents if type(item) is dict]
     return not dicts or _str_keyed(dicts)
 
