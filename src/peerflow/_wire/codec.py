@@ -452,6 +452,15 @@ def _ext_hook(code: int, _data: bytes) -> Any:
     raise _Invalid(f"msgpack extension type {code} is not a wire value")
 
 
+# A msgpack timestamp (ext type -1) cannot be written without a 0xff byte, nor
+# a bytes map key without a bin header (0xc4-0xc6). A message free of those
+# four bytes can only be nested too deep, a cheaper walk. The byte search is a
+# C loop; above the limit, payload bytes make a hit near certain and copying a
+# large memoryview to search it would cost more than it saves.
+_INNOCENT_BYTES = bytes(b for b in range(256) if b not in (0xC4, 0xC5, 0xC6, 0xFF))
+_BYTE_SEARCH_LIMIT = 4096
+
+
 def _unpack(data: bytes | bytearray | memoryview) -> dict[str, Any]:
     try:
         # msgpack >= 1.0 defaults to what we need: str as str (strict UTF-8),
@@ -467,29 +476,18 @@ def _unpack(data: bytes | bytearray | memoryview) -> dict[str, Any]:
     if type(body) is not dict:
         raise PeerEncodeError(f"message must be a msgpack map, got {type(body).__name__}")
     check_envelope_version(body.get("v"))
-    if not _is_wire_value(body, data):
+    size = data.nbytes if isinstance(data, memoryview) else len(data)
+    if size <= _BYTE_SEARCH_LIMIT and not (
+        data.tobytes() if isinstance(data, memoryview) else data
+    ).translate(None, _INNOCENT_BYTES):
+        fine = within_depth(body)
+    else:
+        fine = scan_after_msgpack(body, size)
+    if not fine:
         problem = locate_problem(body, decoded=True)
         if problem is not None:
             raise problem
     return body
-
-
-# A msgpack timestamp (ext type -1) cannot be written without a 0xff byte, nor
-# a bytes map key without a bin header (0xc4-0xc6). A message free of those
-# four bytes can only be nested too deep, a cheaper walk. The byte search is a
-# C loop; above the limit, payload bytes make a hit near certain and copying a
-# large memoryview to search it would cost more than it saves.
-_INNOCENT_BYTES = bytes(b for b in range(256) if b not in (0xC4, 0xC5, 0xC6, 0xFF))
-_BYTE_SEARCH_LIMIT = 4096
-
-
-def _is_wire_value(body: dict[str, Any], data: bytes | bytearray | memoryview) -> bool:
-    size = data.nbytes if isinstance(data, memoryview) else len(data)
-    if size <= _BYTE_SEARCH_LIMIT:
-        raw = data.tobytes() if isinstance(data, memoryview) else data
-        if not raw.translate(None, _INNOCENT_BYTES):
-            return within_depth(body)
-    return scan_after_msgpack(body, size)
 
 
 def _structure(body: dict[str, Any], cls: type[M]) -> M:
