@@ -4,8 +4,9 @@
 until SIGINT or SIGTERM. ``peerflow invoke`` runs one sub-workflow on a peer
 and prints its response as JSON. ``python -m peerflow`` is the same program.
 
-JSON has no bytes type, so the CLI follows the HTTP/JSON variant of the wire
-protocol (protocol/README.md, section 6): bytes inside wire values are written
+JSON has no bytes type, so the CLI reads and prints values in the spelling of
+the HTTP/JSON variant (protocol/README.md, section 6), through
+:mod:`peerflow._peer.json_codec`: bytes inside wire values are
 ``{"$bytes": "<base64>"}`` in both directions, and the bytes fields of the
 schema (an inline ref's ``payload``) are plain base64 strings.
 """
@@ -13,8 +14,6 @@ schema (an inline ref's ``payload``) are plain base64 strings.
 from __future__ import annotations
 
 import argparse
-import base64
-import binascii
 import importlib
 import json
 import logging
@@ -34,14 +33,13 @@ from ._engine.events import event_to_wire
 from ._engine.steps import StepRegistry
 from ._engine.workflow import Workflow
 from ._peer.client import PeerClient, parse_endpoint
+from ._peer.json_codec import decode_json_value, json_body
 from ._peer.limits import Limits
 from ._peer.server import PeerServer
-from ._refs.descriptor import RemoteRefDescriptor
 from ._transport.mapping import collapse_excgroups
 from ._transport.tls import load_client_tls, load_server_tls
-from ._wire.envelopes import SubWorkflowResponse
-from ._wire.values import MAX_DEPTH, render_path
-from .errors import DuplicateStepError, PeerEncodeError, PeerflowError, PeerTimeoutError
+from ._wire.envelopes import StreamEvent, SubWorkflowResponse
+from .errors import DuplicateStepError, PeerflowError, PeerTimeoutError
 
 __all__ = [
     "EXIT_ERROR",
@@ -65,7 +63,6 @@ EXIT_ERROR = 3
 #: Interrupted by Ctrl-C outside ``serve`` (128 + SIGINT, as shells report it).
 EXIT_INTERRUPTED = 130
 
-_BYTES_KEY = "$bytes"
 _DEFAULT_INVOKE_NODE_ID = "peerflow-cli"
 _log = logging.getLogger("peerflow.cli")
 
@@ -403,16 +400,11 @@ def _invoke_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     if uses_tls and endpoint.scheme != "https":
         parser.error("--tls-cert, --tls-key and --tls-ca need an https:// endpoint")
     text = sys.stdin.read() if args.input == "-" else args.input
-    try:
-        parsed = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise _CliError(f"--input is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise _CliError("--input is nested too deeply") from None
-    input_value = _wire_from_json(parsed, ["input"])
+    # Refused here, before connecting, with the path of the bad value.
+    input_value = decode_json_value(text, "input")
     tls = load_client_tls(args.tls_cert, args.tls_key, args.tls_ca) if uses_tls else None
     response = trio.run(_invoke, args, tls, input_value)
-    _print_json(_response_json(response))
+    _print_json(_printed_response(response))
     return EXIT_OK if response.error is None else EXIT_WORKFLOW_FAILED
 
 
@@ -428,12 +420,10 @@ async def _invoke(
             calling = client.stream_sub_workflow(args.workflow, args.steps, input_value)
             async with calling as call:
                 async for event in call:
+                    # Printed as the "event" of its HTTP/JSON stream line.
                     wire = event_to_wire(event)
-                    data = {
-                        key: _json_from_wire(value, ["event", "data", key])
-                        for key, value in wire["data"].items()
-                    }
-                    _print_json({"event_type": wire["event_type"], "data": data})
+                    line = json_body(StreamEvent(wire["event_type"], wire["data"]))
+                    _print_json(line["event"])
             assert call.response is not None  # StreamCall raises if the stream had none
             return call.response
     assert deadline.cancelled_caught
@@ -445,111 +435,45 @@ def _print_json(value: Any) -> None:
     sys.stdout.flush()
 
 
-# -- JSON <-> wire values ----------------------------------------------------------
+# -- the printed response -------------------------------------------------------
 
 
-def _is_bytes_map(value: dict[str, Any]) -> bool:
-    return len(value) == 1 and isinstance(value.get(_BYTES_KEY), str)
+def _printed_response(response: SubWorkflowResponse) -> dict[str, Any]:
+    """The JSON object ``invoke`` prints: the response's HTTP/JSON body, every key present.
 
-
-def _wire_from_json(value: Any, path: list[object]) -> Any:
-    """Turn parsed JSON into a wire value: ``{"$bytes": "<base64>"}`` becomes bytes.
-
-    ``path`` names ``value`` in errors, e.g. ``["input"]``.
-
-    Raises:
-        PeerEncodeError: a ``$bytes`` string is not standard base64, a
-            number is not finite, or the value nests deeper than a wire
-            value may.
-    """
-    # Bounds the recursion, as the codec would refuse such a value anyway (a
-    # field's own container is level 1, so the path's length is the level).
-    if isinstance(value, dict | list) and len(path) > MAX_DEPTH:
-        raise PeerEncodeError(f"nested deeper than {MAX_DEPTH} levels", render_path(path))
-    if isinstance(value, float) and not math.isfinite(value):
-        # json reads NaN, Infinity and 1e400; the HTTP/JSON variant has no
-        # such numbers, and the printed response could not show them.
-        raise PeerEncodeError(f"{value!r} is not a finite number", render_path(path))
-    if isinstance(value, dict):
-        if _is_bytes_map(value):
-            try:
-                return base64.b64decode(value[_BYTES_KEY], validate=True)
-            except (binascii.Error, ValueError):
-                raise PeerEncodeError(
-                    "is not standard base64", render_path([*path, _BYTES_KEY])
-                ) from None
-        return {key: _wire_from_json(item, [*path, key]) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_wire_from_json(item, [*path, index]) for index, item in enumerate(value)]
-    return value
-
-
-def _json_from_wire(value: Any, path: list[object]) -> Any:
-    """Turn a decoded wire value into JSON-ready data: bytes become ``{"$bytes": ...}``.
-
-    ``path`` names ``value`` in errors, e.g. ``["result"]``.
+    The body itself leaves out optional keys at their defaults, which a
+    script reading the output should not have to know, and carries the
+    envelope version ``v``, which is the protocol's business, not the
+    user's; so the defaults are filled in and ``v`` is left out.
 
     Raises:
-        PeerEncodeError: a float is NaN or infinite, or a map has the single
-            key ``$bytes`` with a str value (it would read back as bytes).
-            The HTTP/JSON variant refuses both in the same way.
+        PeerEncodeError: a value has no JSON form (a NaN or infinite float,
+            a map that would read back as bytes); the path names it.
     """
-    if isinstance(value, bytes):
-        return {_BYTES_KEY: base64.b64encode(value).decode("ascii")}
-    if isinstance(value, float) and not math.isfinite(value):
-        raise PeerEncodeError(f"{value!r} has no JSON form", render_path(path))
-    if isinstance(value, dict):
-        if _is_bytes_map(value):
-            raise PeerEncodeError(
-                'a map whose one key is "$bytes" has no JSON form (it reads back as bytes)',
-                render_path(path),
-            )
-        return {key: _json_from_wire(item, [*path, key]) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_json_from_wire(item, [*path, index]) for index, item in enumerate(value)]
-    return value
-
-
-def _descriptor_json(descriptor: RemoteRefDescriptor) -> dict[str, Any]:
-    return {
-        "origin_node_id": descriptor.origin_node_id,
-        "type_tag": descriptor.type_tag,
-        "created_at_epoch_ms": descriptor.created_at_epoch_ms,
-        "lifetime": descriptor.lifetime.value,
-        "size": descriptor.size,
-        "serializable": descriptor.serializable,
-    }
-
-
-def _response_json(response: SubWorkflowResponse) -> dict[str, Any]:
-    """The JSON object ``invoke`` prints for a response (the HTTP/JSON variant's shape).
-
-    Raises:
-        PeerEncodeError: a value has no JSON form (see :func:`_json_from_wire`).
-    """
-    error = None
-    if response.error is not None:
+    body = json_body(response)
+    error = body["error"]
+    if error is not None:
         error = {
-            "message": response.error,
-            "step_id": response.error_step_id,
-            "error_type": response.error_type,
+            "message": error["message"],
+            "step_id": error.get("step_id"),
+            "error_type": error.get("error_type"),
         }
     return {
-        "result": _json_from_wire(response.result, ["result"]),
-        "state": {
-            key: _json_from_wire(value, ["state", key]) for key, value in response.state.items()
-        },
+        "result": body["result"],
+        "state": body["state"],
         "remote_refs": {
-            ref_uuid: _descriptor_json(descriptor)
-            for ref_uuid, descriptor in response.remote_refs.items()
+            ref_uuid: _with_serializable(descriptor)
+            for ref_uuid, descriptor in body["remote_refs"].items()
         },
         "inline_refs": {
-            ref_uuid: {
-                **_descriptor_json(ref.descriptor),
-                "payload": base64.b64encode(ref.payload).decode("ascii"),
-            }
-            for ref_uuid, ref in response.inline_refs.items()
+            ref_uuid: _with_serializable(ref)
+            for ref_uuid, ref in body.get("inline_refs", {}).items()
         },
-        "dropped_refs": list(response.dropped_refs),
+        "dropped_refs": body.get("dropped_refs", []),
         "error": error,
     }
+
+
+def _with_serializable(descriptor: dict[str, Any]) -> dict[str, Any]:
+    # A descriptor's one optional key; the encoder leaves out its default.
+    return {**descriptor, "serializable": descriptor.get("serializable", True)}

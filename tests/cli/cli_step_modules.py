@@ -12,7 +12,7 @@ import os
 import attrs
 import trio
 
-from peerflow import Context, Event, RefLifetime, StartEvent, StopEvent, Workflow
+from peerflow import Context, DynamicEvent, Event, RefLifetime, StartEvent, StopEvent, Workflow
 
 wf = Workflow("cli")
 
@@ -49,12 +49,26 @@ async def refs(event: StartEvent, ctx: Context) -> StopEvent:
     ctx.refs.insert(b"inline")
     ctx.refs.insert(Opaque())
     kept = ctx.refs.insert(b"kept", lifetime=RefLifetime.UNTIL_EXPLICIT_DROP)
-    return StopEvent(result=kept)
+    live = ctx.refs.insert(Opaque(), lifetime=RefLifetime.UNTIL_EXPLICIT_DROP)
+    return StopEvent(result=[kept, live])
 
 
 @wf.step("cli::nan", accepts=[StartEvent])
 async def nan(event: StartEvent, ctx: Context) -> StopEvent:
     return StopEvent(result={"x": [float("nan")]})
+
+
+@wf.step("cli::looks_like_bytes", accepts=[StartEvent])
+async def looks_like_bytes(event: StartEvent, ctx: Context) -> StopEvent:
+    ctx.state["k"] = {"$bytes": "not bytes"}
+    return StopEvent(result=None)
+
+
+@wf.step("cli::odd_events", accepts=[StartEvent])
+async def odd_events(event: StartEvent, ctx: Context) -> StopEvent:
+    ctx.write_event_to_stream(DynamicEvent("cli.Reading", {"raw": bytes([0, 255])}))
+    ctx.write_event_to_stream(DynamicEvent("cli.Reading", {"value": float("nan")}))
+    return StopEvent(result="unprintable")
 
 
 @wf.step("cli::forever", accepts=[StartEvent])

@@ -90,7 +90,7 @@ def test_bad_input_json(capsys: pytest.CaptureFixture[str], refusing_port: int) 
     endpoint = f"http://127.0.0.1:{refusing_port}"
     code, out, err = run_main(capsys, "invoke", endpoint, "wf", "s", "--input", '{"a": }')
     assert (code, out) == (EXIT_ERROR, "")
-    assert_one_line_error(err, "--input is not valid JSON")
+    assert_one_line_error(err, "input: malformed JSON: Expecting value")
 
 
 def test_input_from_stdin_with_bad_base64_names_the_path(
@@ -100,15 +100,34 @@ def test_input_from_stdin_with_bad_base64_names_the_path(
     endpoint = f"http://127.0.0.1:{refusing_port}"
     code, out, err = run_main(capsys, "invoke", endpoint, "wf", "s", "--input", "-")
     assert (code, out) == (EXIT_ERROR, "")
-    assert_one_line_error(err, 'input["rows"][0]["$bytes"]: is not standard base64')
+    assert_one_line_error(err, 'input["rows"][0]["$bytes"]: not valid base64')
 
 
-def test_input_nested_too_deep(capsys: pytest.CaptureFixture[str], refusing_port: int) -> None:
-    deep = '{"a": ' + "[" * 70 + "0" + "]" * 70 + "}"
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ('{"a": ' + "[" * 70 + "0" + "]" * 70 + "}", 'input["a"]' + "[0]" * 63 + ": nested deeper"),
+        ("[" * 100_000, "input: JSON nested too deep (values allow 64 levels)"),
+        (str(2**64), "input: int does not fit in 64 bits"),
+        ('["\\ud800"]', "input[0]: str is not valid Unicode: lone surrogate"),
+    ],
+)
+def test_input_that_is_no_wire_value_is_refused_before_connecting(
+    capsys: pytest.CaptureFixture[str], refusing_port: int, text: str, error: str
+) -> None:
     endpoint = f"http://127.0.0.1:{refusing_port}"
-    code, _, err = run_main(capsys, "invoke", endpoint, "wf", "s", "--input", deep)
+    code, out, err = run_main(capsys, "invoke", endpoint, "wf", "s", "--input", text)
+    assert (code, out) == (EXIT_ERROR, "")
+    assert_one_line_error(err, error)
+
+
+def test_input_may_nest_64_levels(capsys: pytest.CaptureFixture[str], refusing_port: int) -> None:
+    endpoint = f"http://127.0.0.1:{refusing_port}"
+    argv = ["invoke", endpoint, "wf", "s", "--input", "[" * 64 + "]" * 64]
+    code, _, err = run_main(capsys, *argv)
+    # Past the input check: it is the connection that fails.
     assert code == EXIT_ERROR
-    assert_one_line_error(err, "nested deeper than 64 levels")
+    assert_one_line_error(err, f"127.0.0.1:{refusing_port}")
 
 
 @pytest.mark.parametrize(

@@ -77,7 +77,13 @@ def only_error_line(result: subprocess.CompletedProcess[str]) -> str:
 
 
 def test_invoke_prints_the_response_with_bytes_as_base64(peer: Served, caller: Caller) -> None:
-    value: dict[str, Any] = {"a": [1, {"$bytes": "AAEC/w=="}], "text": "caf\u00e9"}
+    value: dict[str, Any] = {
+        "a": [1, {"$bytes": "AAEC/w=="}],
+        "text": "caf\u00e9",
+        # Not the one-key form with a str value: plain maps both ways.
+        "two_keys": {"$bytes": "AA==", "x": 1},
+        "not_str": {"$bytes": 5},
+    }
     result = invoke(peer, caller, "cli", "cli::echo", "--input", json.dumps(value))
     assert (result.returncode, result.stderr) == (0, "")
     # Bytes went over the wire as bytes and came back in the same JSON form.
@@ -124,7 +130,8 @@ def test_refs_show_their_descriptors_and_inline_payloads(peer: Served, caller: C
     result = invoke(peer, caller, "cli", "cli::refs", "--input", "null")
     assert result.returncode == 0
     response = json.loads(result.stdout)
-    kept = response["result"]
+    kept, live = response["result"]
+    assert response["remote_refs"][live]["serializable"] is False
     descriptor = response["remote_refs"][kept]
     assert descriptor["created_at_epoch_ms"] > 0
     assert descriptor == {
@@ -164,16 +171,41 @@ def test_unknown_step_is_the_typed_error(peer: Served, caller: Caller) -> None:
     assert only_error_line(result) == "peerflow: error: peer has no step registered as 'cli::nope'"
 
 
-def test_input_that_is_no_wire_value_is_an_encode_error(peer: Served, caller: Caller) -> None:
-    result = invoke(peer, caller, "cli", "cli::echo", "--input", str(2**64))
+@pytest.mark.parametrize(
+    ("step", "error"),
+    [
+        (
+            "cli::nan",
+            'result["x"][0]: nan has no JSON form '
+            "(only the gRPC and WebSocket variants carry NaN and infinities)",
+        ),
+        (
+            "cli::looks_like_bytes",
+            'state["k"]: a map whose only key is "$bytes" with a str value has no JSON form '
+            "(it would read back as bytes)",
+        ),
+    ],
+)
+def test_response_without_json_form_names_its_path(
+    peer: Served, caller: Caller, step: str, error: str
+) -> None:
+    result = invoke(peer, caller, "cli", step, "--input", "null")
     assert result.returncode == 3
-    assert only_error_line(result).startswith("peerflow: error: input: int does not fit")
+    assert only_error_line(result) == f"peerflow: error: {error}"
 
 
-def test_result_without_json_form_names_its_path(peer: Served, caller: Caller) -> None:
-    result = invoke(peer, caller, "cli", "cli::nan", "--input", "null")
+def test_stream_prints_bytes_in_events_and_refuses_an_event_without_json_form(
+    peer: Served, caller: Caller
+) -> None:
+    result = invoke(peer, caller, "cli", "cli::odd_events", "--input", "null", "--stream")
     assert result.returncode == 3
-    assert only_error_line(result) == 'peerflow: error: result["x"][0]: nan has no JSON form'
+    assert [json.loads(line) for line in result.stdout.splitlines()] == [
+        {"event_type": "cli.Reading", "data": {"raw": {"$bytes": "AP8="}}}
+    ]
+    assert result.stderr == (
+        'peerflow: error: event["data"]["value"]: nan has no JSON form '
+        "(only the gRPC and WebSocket variants carry NaN and infinities)\n"
+    )
 
 
 def test_timeout_gives_up_with_the_typed_error(peer: Served, caller: Caller) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 from typing import Any
@@ -16,10 +17,12 @@ from peerflow._peer.json_codec import (
     END_LINE,
     decode_json,
     decode_json_stream_message,
+    decode_json_value,
     encode_json,
     encode_json_deref_chunk,
     encode_json_error,
     encode_json_stream_message,
+    json_body,
     parse_json_line,
 )
 from peerflow._wire.codec import encode_message
@@ -39,6 +42,7 @@ from strategies import (
     messages,
     stream_events,
     sub_workflow_responses,
+    wire_values,
 )
 
 DECODABLE = (
@@ -210,3 +214,48 @@ def test_lines_tell_messages_errors_and_the_end_apart(details: ErrorDetails) -> 
     for odd in (b"[]", b'{"end": false}', b'{"error": 1}'):
         with pytest.raises(PeerEncodeError):
             parse_json_line(odd)
+
+
+# --------------------------------------------------------------------------
+# One value on its own, as the command line reads --input and prints results
+
+
+@given(wire_values.filter(_json_safe))
+def test_a_value_reads_back_from_the_spelling_http_json_sends(value: Any) -> None:
+    text = json.dumps(json_body(InvokeSubWorkflowRequest("w", (), value))["input"])
+    assert decode_json_value(text, "input") == value
+
+
+def test_a_value_reads_bytes_and_leaves_look_alikes_as_maps() -> None:
+    text = (
+        '{"b": {"$bytes": "AP8="}, "two_keys": {"$bytes": "AA==", "x": 1}, '
+        '"not_str": {"$bytes": 5}, "deep": ' + "[" * 63 + '{"$bytes": ""}' + "]" * 63 + "}"
+    )
+    assert decode_json_value(text, "input") == {
+        "b": b"\x00\xff",
+        "two_keys": {"$bytes": "AA==", "x": 1},
+        "not_str": {"$bytes": 5},
+        # Bytes are a leaf, not a container: at level 65 they are not too deep.
+        "deep": functools.reduce(lambda inner, _: [inner], range(63), b""),
+    }
+
+
+@pytest.mark.parametrize(
+    ("text", "path", "reason"),
+    [
+        ('{"a": [1, NaN]}', 'input["a"][1]', "nan is not a finite number"),
+        ("-Infinity", "input", "-inf is not a finite number"),
+        ("[1e400]", "input[0]", "inf is not a finite number"),
+        ('{"b": {"$bytes": "AA"}}', 'input["b"]["$bytes"]', "not valid base64"),
+        (str(2**64), "input", "int does not fit in 64 bits"),
+        ('["\\ud800"]', "input[0]", "lone surrogate"),
+        ("[" * 65 + "]" * 65, "input" + "[0]" * 64, "nested deeper than 64 levels"),
+        ('{"a": }', "input", "malformed JSON"),
+        ("[" * 100_000, "input", "JSON nested too deep"),
+    ],
+)
+def test_a_value_is_refused_naming_its_path(text: str, path: str, reason: str) -> None:
+    with pytest.raises(PeerEncodeError) as info:
+        decode_json_value(text, "input")
+    assert info.value.path == path
+    assert reason in info.value.reason

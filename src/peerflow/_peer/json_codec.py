@@ -12,6 +12,10 @@ fields (``payload`` of a deref chunk and of an inline ref) are base64
 strings, and bytes inside wire values are ``{"$bytes": "<base64>"}``. A map
 that looks like that cannot itself travel, and floats must be finite.
 
+This module is the one owner of that spelling: the ``peerflow`` command line
+reads its ``--input`` with :func:`decode_json_value` and prints responses and
+events from :func:`json_body`, so what it shows is what HTTP/JSON sends.
+
 Every function here raises only :class:`~peerflow.PeerEncodeError` (and
 :class:`~peerflow.PeerEnvelopeVersionError` for a too-new ``v``).
 """
@@ -46,10 +50,12 @@ __all__ = [
     "decode_json_body",
     "decode_json_stream_body",
     "decode_json_stream_message",
+    "decode_json_value",
     "encode_json",
     "encode_json_deref_chunk",
     "encode_json_error",
     "encode_json_stream_message",
+    "json_body",
     "parse_json_line",
 ]
 
@@ -85,14 +91,24 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def _load(data: bytes | bytearray | memoryview) -> Any:
+def _load(
+    data: str | bytes | bytearray | memoryview, path: str = "", *, strict: bool = True
+) -> Any:
+    # Message bodies are strict: NaN, Infinity and numbers beyond a float's
+    # range are refused while parsing, and the error quotes the number but
+    # cannot say where it sits. A lone value (the command line's --input)
+    # keeps them as floats instead, and _from_json refuses them by path.
     try:
-        text = bytes(data).decode("utf-8")
-        return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+        text = data if isinstance(data, str) else bytes(data).decode("utf-8")
+        if strict:
+            return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+        return json.loads(text)
     except RecursionError:
-        raise PeerEncodeError(f"JSON nested too deep (values allow {MAX_DEPTH} levels)") from None
+        raise PeerEncodeError(
+            f"JSON nested too deep (values allow {MAX_DEPTH} levels)", path
+        ) from None
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, huge ints
-        raise PeerEncodeError(f"malformed JSON: {exc}") from None
+        raise PeerEncodeError(f"malformed JSON: {exc}", path) from None
 
 
 def _b64decode(text: Any, path: list[object]) -> bytes:
@@ -103,21 +119,27 @@ def _b64decode(text: Any, path: list[object]) -> bytes:
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        raise PeerEncodeError("not valid base64", render_path(path)) from None
+        raise PeerEncodeError(
+            "not valid base64 (standard alphabet, with padding)", render_path(path)
+        ) from None
 
 
-def _from_json(value: Any, path: list[object], depth: int) -> Any:
+def _from_json(value: Any, path: list[object]) -> Any:
+    # A field's own container is level 1, so the path's length is the level.
     # Deeper than the codec allows: leave it as it is, the codec refuses it
     # with its own message (and this walk stays bounded).
-    if depth > MAX_DEPTH + 1:
+    if len(path) > MAX_DEPTH + 1:
         return value
     kind = type(value)
     if kind is dict:
         if len(value) == 1 and type(value.get(_BYTES_KEY)) is str:
             return _b64decode(value[_BYTES_KEY], [*path, _BYTES_KEY])
-        return {k: _from_json(v, [*path, k], depth + 1) for k, v in value.items()}
+        return {k: _from_json(v, [*path, k]) for k, v in value.items()}
     if kind is list:
-        return [_from_json(v, [*path, i], depth + 1) for i, v in enumerate(value)]
+        return [_from_json(v, [*path, i]) for i, v in enumerate(value)]
+    if kind is float and not math.isfinite(value):
+        # Only a value parsed with strict=False gets here (see _load).
+        raise PeerEncodeError(f"{value!r} is not a finite number", render_path(path))
     return value
 
 
@@ -136,7 +158,7 @@ def _body_from_json(body: Any, kind: str) -> dict[str, Any]:
                 uuid: _inline_ref_from_json(ref, [key, uuid]) for uuid, ref in value.items()
             }
         else:
-            out[key] = _from_json(value, [key], 1)
+            out[key] = _from_json(value, [key])
     return out
 
 
@@ -144,7 +166,7 @@ def _inline_ref_from_json(ref: Any, path: list[object]) -> Any:
     if type(ref) is not dict:
         return ref  # the codec names the problem
     return {
-        k: _b64decode(v, [*path, k]) if k == "payload" else _from_json(v, [*path, k], 3)
+        k: _b64decode(v, [*path, k]) if k == "payload" else _from_json(v, [*path, k])
         for k, v in ref.items()
     }
 
@@ -208,29 +230,53 @@ def decode_json_stream_body(body: Any) -> StreamEvent | SubWorkflowResponse:
     return decode_stream_message(_pack(_body_from_json(body, _RESPONSE)))
 
 
+def decode_json_value(data: str | bytes, field: str) -> Any:
+    """Read one wire value written as JSON text, such as the command line's ``--input``.
+
+    ``{"$bytes": "<base64>"}`` becomes bytes. ``field`` names the value in
+    errors: their paths start with it, e.g. ``input["rows"][3]``. What comes
+    back has passed the codec's wire-value checks, so it can be sent as is.
+
+    Raises:
+        PeerEncodeError: the text is not JSON; a ``$bytes`` string is not
+            base64; a number is NaN, infinite or beyond a float's range; or
+            the value is not a wire value (an int out of range, nesting
+            deeper than the protocol allows, a lone surrogate). The path
+            names the offending value.
+    """
+    value = _from_json(_load(data, field, strict=False), [field])
+    problem = locate_problem({field: value})
+    if problem is not None:
+        raise problem
+    return value
+
+
 # --------------------------------------------------------------------------
 # message -> JSON text
 
 
-def _to_json(value: Any, path: list[object], depth: int) -> Any:
+def _to_json(value: Any, path: list[object]) -> Any:
     kind = type(value)
     if kind is bytes:
         return {_BYTES_KEY: base64.b64encode(value).decode("ascii")}
     if kind is float and not math.isfinite(value):
+        # Worded for every reader: an HTTP/JSON peer or client, and the
+        # command line, which got the value over gRPC but cannot print it.
         raise PeerEncodeError(
-            "JSON has no NaN or infinities (use the gRPC or WebSocket variant)",
+            f"{value!r} has no JSON form (only the gRPC and WebSocket variants "
+            "carry NaN and infinities)",
             render_path(path),
         )
     if kind is dict:
         if len(value) == 1 and type(value.get(_BYTES_KEY)) is str:
             raise PeerEncodeError(
-                'a map whose only key is "$bytes" with a str value reads back as bytes '
-                "over JSON, so it cannot be sent there",
+                'a map whose only key is "$bytes" with a str value has no JSON form '
+                "(it would read back as bytes)",
                 render_path(path),
             )
-        return {k: _to_json(v, [*path, k], depth + 1) for k, v in value.items()}
+        return {k: _to_json(v, [*path, k]) for k, v in value.items()}
     if kind is list:
-        return [_to_json(v, [*path, i], depth + 1) for i, v in enumerate(value)]
+        return [_to_json(v, [*path, i]) for i, v in enumerate(value)]
     return value
 
 
@@ -244,13 +290,13 @@ def _body_to_json(body: dict[str, Any], kind: str) -> dict[str, Any]:
                 uuid: {
                     k: base64.b64encode(v).decode("ascii")
                     if k == "payload"
-                    else _to_json(v, [key, uuid, k], 3)
+                    else _to_json(v, [key, uuid, k])
                     for k, v in ref.items()
                 }
                 for uuid, ref in value.items()
             }
         else:
-            out[key] = _to_json(value, [key], 1)
+            out[key] = _to_json(value, [key])
     return out
 
 
@@ -262,9 +308,20 @@ def _dumps(body: dict[str, Any]) -> bytes:
     )
 
 
-def _respell(packed: bytes, kind: str) -> bytes:
-    body = msgpack.unpackb(packed)
-    return _dumps(_body_to_json(body, kind))
+def _respell(packed: bytes, kind: str) -> dict[str, Any]:
+    return _body_to_json(msgpack.unpackb(packed), kind)
+
+
+def json_body(message: Message) -> dict[str, Any]:
+    """The JSON object :func:`encode_json` writes for a message, before it is text.
+
+    ``v`` included, optional keys at their defaults left out, bytes spelt as
+    base64 or ``{"$bytes": ...}``.
+
+    Raises:
+        PeerEncodeError: as :func:`encode_json`.
+    """
+    return _respell(encode_message(message), _kind_of(type(message)))
 
 
 def encode_json(message: Message) -> bytes:
@@ -275,7 +332,7 @@ def encode_json(message: Message) -> bytes:
             or something JSON cannot carry (a non-finite float, a map that
             reads as ``$bytes``); the path names it.
     """
-    return _respell(encode_message(message), _kind_of(type(message)))
+    return _dumps(json_body(message))
 
 
 def encode_json_stream_message(message: StreamEvent | SubWorkflowResponse) -> bytes:
@@ -284,7 +341,7 @@ def encode_json_stream_message(message: StreamEvent | SubWorkflowResponse) -> by
     Raises:
         PeerEncodeError: as :func:`encode_json`.
     """
-    return _respell(encode_stream_message(message), _RESPONSE)
+    return _dumps(_respell(encode_stream_message(message), _RESPONSE))
 
 
 def encode_json_deref_chunk(
@@ -306,7 +363,7 @@ def encode_json_deref_chunk(
 
 def encode_json_error(details: bytes) -> bytes:
     """The body ``{"error": {...}}`` for an encoded :class:`ErrorDetails` message."""
-    return b'{"error":' + _respell(details, _OTHER) + b"}"
+    return b'{"error":' + _dumps(_respell(details, _OTHER)) + b"}"
 
 
 # --------------------------------------------------------------------------
