@@ -28,6 +28,9 @@ from ._peer.pool import PeerPool as PeerPool
 from ._peer.pool import PoolMember as PoolMember
 from ._peer.server import PeerAddress as PeerAddress
 from ._peer.server import PeerServer as PeerServer
+from ._peer.trace import TraceContext as TraceContext
+from ._peer.trace import current_trace_context as current_trace_context
+from ._peer.trace import use_trace_context as use_trace_context
 from ._peer.ws_client import WebSocketPeerClient as WebSocketPeerClient
 from ._refs.descriptor import RefLifetime as RefLifetime
 from ._refs.descriptor import RemoteRefDescriptor as RemoteRefDescriptor
@@ -116,18 +119,21 @@ __all__ = [
     "StopEvent",
     "StreamCall",
     "SubWorkflowResponse",
+    "TraceContext",
     "UnroutableEventError",
     "WebSocketPeerClient",
     "Workflow",
     "WorkflowError",
     "WorkflowHandle",
     "WorkflowTimeoutError",
+    "current_trace_context",
     "load_client_tls",
     "load_server_tls",
     "peer_envelope_version",
     "peer_token_env",
     "register_ref_type",
     "resolve_peer_token",
+    "use_trace_context",
 ]
 
 

@@ -2,10 +2,11 @@
 
 Each peer component logs through its own standard ``logging`` logger
 (``peerflow.peer.server``, ``.grpc``, ``.service``, ``.client``). Records carry
-``node_id`` and ``call_id`` attributes (for formatters: ``%(node_id)s``) and
-the message starts with ``[node call]`` so plain handlers show them too. The
-call id lives in a context variable: set once per call, it follows every task
-the call spawns.
+``node_id``, ``call_id`` and ``trace_id`` attributes (for formatters:
+``%(node_id)s``) and the message starts with ``[node call]`` so plain
+handlers show the first two too. The call id lives in a context variable: set
+once per call, it follows every task the call spawns. The trace id is the
+W3C trace id of the current trace context (:mod:`.trace`), ``"-"`` without one.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import contextvars
 import logging
 from collections.abc import MutableMapping
 from typing import Any, final
+
+from .trace import current_trace_context
 
 __all__ = ["PeerLogger", "current_call_id", "set_call_id"]
 
@@ -40,8 +43,14 @@ class PeerLogger(logging.LoggerAdapter):  # type: ignore[type-arg]  # generic on
     def process(
         self, msg: Any, kwargs: MutableMapping[str, Any]
     ) -> tuple[Any, MutableMapping[str, Any]]:
-        """Add ``node_id`` and ``call_id`` to the record and to the message."""
+        """Stamp the record with node, call and trace ids; prefix the message with the first two."""
         node_id = self.extra["node_id"] if self.extra else "-"
         call_id = _call_id.get()
-        kwargs["extra"] = {"node_id": node_id, "call_id": call_id, **kwargs.get("extra", {})}
+        trace = current_trace_context()
+        kwargs["extra"] = {
+            "node_id": node_id,
+            "call_id": call_id,
+            "trace_id": "-" if trace is None else trace.trace_id,
+            **kwargs.get("extra", {}),
+        }
         return f"[{node_id} {call_id}] {msg}", kwargs

@@ -43,12 +43,19 @@ _MAX_ID: Final = 2**64 - 1
 
 @attrs.frozen
 class CallFrame:
-    """Client to server: start call ``id`` of ``method`` with request ``body``."""
+    """Client to server: start call ``id`` of ``method`` with request ``body``.
+
+    ``traceparent`` and ``tracestate`` are the caller's W3C trace context, as
+    the other variants send them in headers; a value that is not a str is
+    ignored, as an invalid header is.
+    """
 
     id: int
     method: str
     body: bytes
     timeout_ms: int | None = None
+    traceparent: str | None = None
+    tracestate: str | None = None
 
 
 @attrs.frozen
@@ -114,6 +121,10 @@ def encode_frame(frame: ClientFrame | ServerFrame) -> bytes:
         body["body"] = frame.body
         if frame.timeout_ms is not None:
             body["timeout_ms"] = frame.timeout_ms
+        if frame.traceparent is not None:
+            body["traceparent"] = frame.traceparent
+            if frame.tracestate is not None:
+                body["tracestate"] = frame.tracestate
     elif isinstance(frame, CancelFrame):
         body["cancel"] = True
     elif isinstance(frame, MessageFrame):
@@ -177,11 +188,24 @@ def decode_client_frame(data: bytes) -> ClientFrame:
     timeout_ms = _field(body, "timeout_ms", int, frame_id, optional=True)
     if timeout_ms is not None and timeout_ms < 0:
         raise FrameDecodeError("must not be negative", "timeout_ms", frame_id=frame_id)
+    traceparent = body.get("traceparent")
+    tracestate = None
+    if traceparent is not None:
+        # Trace context is best effort: a mistyped value is dropped, not an
+        # error (and a tracestate counts only beside a traceparent).
+        if type(traceparent) is str:
+            tracestate = body.get("tracestate")
+            if type(tracestate) is not str:
+                tracestate = None
+        else:
+            traceparent = None
     return CallFrame(
         frame_id,
         _field(body, "method", str, frame_id),
         _field(body, "body", bytes, frame_id),
         timeout_ms,
+        traceparent,
+        tracestate,
     )
 
 
