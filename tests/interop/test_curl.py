@@ -17,7 +17,17 @@ import trio
 import trio.testing
 
 from peer_steps import Probe
-from peerflow import PeerAddress, PeerServer
+from peerflow import (
+    Context,
+    PeerAddress,
+    PeerServer,
+    StartEvent,
+    StepRegistry,
+    StopEvent,
+    TraceContext,
+    Workflow,
+    current_trace_context,
+)
 
 CURL = shutil.which("curl")
 pytestmark = pytest.mark.skipif(CURL is None, reason="curl is not installed")
@@ -223,3 +233,28 @@ async def test_curl_reuses_one_kept_alive_connection(address: PeerAddress) -> No
         )
     assert result.stdout == b'{"v":1,"released":false}' * 2
     assert b"Re-using existing connection" in result.stderr
+
+
+@pytest.mark.parametrize("http", HTTP_VERSIONS)
+async def test_curl_traceparent_reaches_the_step(nursery: trio.Nursery, http: list[str]) -> None:
+    seen: list[TraceContext | None] = []
+    registry = StepRegistry()
+
+    @Workflow("traced", registry=registry).step("record", accepts=[StartEvent])
+    async def record(event: StartEvent, ctx: Context) -> StopEvent:
+        seen.append(current_trace_context())
+        return StopEvent(result=None)
+
+    traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    with trio.fail_after(TIMEOUT):
+        server = PeerServer("node-t", registry=registry, token=None)
+        address = await nursery.start(server.serve, "127.0.0.1", 0)
+        headers = {"traceparent": traceparent, "tracestate": "congo=t61rcWkgMzE"}
+        reply = await curl(address, "InvokeSubWorkflow", invoke(["record"]), *http, headers=headers)
+        assert reply.status == 200, reply
+        # A malformed one is ignored: the call still succeeds.
+        reply = await curl(
+            address, "InvokeSubWorkflow", invoke(["record"]), *http, headers={"traceparent": "00-x"}
+        )
+        assert reply.status == 200, reply
+    assert seen == [TraceContext(traceparent, "congo=t61rcWkgMzE"), None]

@@ -3,13 +3,15 @@
 gRPC, HTTP/JSON (on HTTP/1.1 and HTTP/2) and WebSocket calls carry the same
 facts in slightly different places. Each front end reads them from its own
 headers and hands them to :class:`CallGate`, so that who may call, who the
-caller is and how long the call may run are decided in one place.
+caller is, how long the call may run and which trace it belongs to are
+decided in one place.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Hashable
+from contextlib import AbstractContextManager
 from typing import Final, Protocol, TypeVar, final
 
 import trio
@@ -17,8 +19,9 @@ import trio
 from .._wire import grpc
 from ..errors import PeerAuthError, PeerEncodeError
 from .auth import check_bearer, token_principal
-from .logs import set_call_id
+from .logs import current_call_id, set_call_id
 from .service import Caller
+from .trace import serve_trace
 
 __all__ = [
     "TIMEOUT_MS_HEADER",
@@ -48,14 +51,16 @@ class ClosingConnection(Protocol):
 
 @final
 class CallGate:
-    """Admits calls: checks the bearer token and names the caller.
+    """Admits calls: checks the bearer token, names the caller, joins the caller's trace.
 
     Args:
         token: when set, every call must carry ``authorization: Bearer <token>``.
+        node_id: the serving node's id, recorded on the calls' spans.
     """
 
-    def __init__(self, token: str | None) -> None:
+    def __init__(self, token: str | None, *, node_id: str) -> None:
         self.token = token
+        self.node_id = node_id
         self._token_principal = None if token is None else token_principal(token)
 
     def admit(
@@ -85,6 +90,31 @@ class CallGate:
             if principal is None:
                 principal = self._token_principal
         return Caller((node_id or b"").decode("utf-8", "replace"), principal, scope_of(connection))
+
+    def trace(
+        self,
+        traceparent: str | bytes | None,
+        tracestate: str | bytes | None,
+        method: str | bytes,
+        transport: str,
+    ) -> AbstractContextManager[None]:
+        """The context manager a call runs in for its trace context (see ``trace.serve_trace``).
+
+        Inside it, the call's tasks see the caller's ``traceparent`` (so peer
+        calls they make forward it), and an OpenTelemetry SERVER span covers
+        the call when a real tracer provider is set. Without a
+        ``traceparent`` and such a provider it does nothing; an invalid
+        ``traceparent`` is ignored. Front ends look ``tracestate`` up only
+        when ``traceparent`` is there. ``method`` is the method's name or path.
+        """
+        return serve_trace(
+            traceparent,
+            tracestate,
+            method=method,
+            transport=transport,
+            node_id=self.node_id,
+            call_id=current_call_id,
+        )
 
 
 def name_call(call_id: bytes | None, connection: object, number: int) -> None:

@@ -37,6 +37,7 @@ from ..errors import PeerError, PeerTimeoutError, PeerTransportError
 from .auth import bearer_header, resolve_peer_token
 from .limits import Limits
 from .logs import PeerLogger
+from .trace import current_trace_context, trace_headers
 
 __all__ = ["PeerClient", "StreamCall", "open_client_over", "parse_endpoint"]
 
@@ -419,6 +420,9 @@ class PeerClient:
         if deadline != math.inf:
             timeout = grpc.encode_grpc_timeout(deadline - trio.current_time())
             headers = (*headers, (b"grpc-timeout", timeout.encode()))
+        trace = current_trace_context()
+        if trace is not None:
+            headers = (*headers, *trace_headers(trace))
         return headers
 
     @asynccontextmanager

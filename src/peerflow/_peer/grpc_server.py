@@ -42,6 +42,7 @@ from .http_json import JSON_PATH_PREFIX
 from .limits import Limits
 from .logs import PeerLogger
 from .service import Caller, PeerService, deref_pieces, encode_response
+from .trace import TRACEPARENT, TRACESTATE, call_failed
 
 __all__ = ["GrpcHandler"]
 
@@ -50,6 +51,8 @@ _RESPONSE_HEADERS: Final = ((b":status", b"200"), (b"content-type", _CONTENT_TYP
 _OK_TRAILERS: Final = ((b"grpc-status", b"0"),)
 _NODE_ID: Final = grpc.NODE_ID_HEADER.encode()
 _CALL_ID: Final = grpc.CALL_ID_HEADER.encode()
+_TRACEPARENT: Final = TRACEPARENT.encode()
+_TRACESTATE: Final = TRACESTATE.encode()
 
 
 def status_trailers(exc: BaseException) -> list[tuple[bytes, bytes]]:
@@ -138,28 +141,32 @@ class GrpcHandler:
                 ),
             )
             return
-        try:
-            caller = self._gate.admit(
-                stream.header(b"authorization"),
-                stream.header(_NODE_ID),
-                self._principal_of(stream),
-                self._scope_of,
-                stream,
-            )
-            deadline = deadline_from_grpc_timeout(stream.header(b"grpc-timeout"))
-            if deadline == math.inf:
-                # No deadline: spare the common path a cancel scope that never fires.
-                await method(stream, await self._read_request(stream), caller, math.inf)
-            else:
-                with trio.move_on_at(deadline):
-                    await method(stream, await self._read_request(stream), caller, deadline)
-                    return
-                raise PeerTimeoutError("the call's deadline (grpc-timeout) passed")
-        except (PeerflowError, UnicodeDecodeError) as exc:
-            self._fail(stream, exc)
-        except Exception as exc:
-            self._log.exception("call %s failed", stream.path.decode("latin-1"))
-            self._fail(stream, exc)
+        traceparent = stream.header(_TRACEPARENT)
+        with self._gate.trace(
+            traceparent, traceparent and stream.header(_TRACESTATE), stream.path, "grpc"
+        ):
+            try:
+                caller = self._gate.admit(
+                    stream.header(b"authorization"),
+                    stream.header(_NODE_ID),
+                    self._principal_of(stream),
+                    self._scope_of,
+                    stream,
+                )
+                deadline = deadline_from_grpc_timeout(stream.header(b"grpc-timeout"))
+                if deadline == math.inf:
+                    # No deadline: spare the common path a cancel scope that never fires.
+                    await method(stream, await self._read_request(stream), caller, math.inf)
+                else:
+                    with trio.move_on_at(deadline):
+                        await method(stream, await self._read_request(stream), caller, deadline)
+                        return
+                    raise PeerTimeoutError("the call's deadline (grpc-timeout) passed")
+            except (PeerflowError, UnicodeDecodeError) as exc:
+                self._fail(stream, exc)
+            except Exception as exc:
+                self._log.exception("call %s failed", stream.path.decode("latin-1"))
+                self._fail(stream, exc)
 
     async def _read_request(self, stream: ServerStream) -> bytes:
         if stream.remote_ended:  # the usual unary case: it all came in one read
@@ -188,6 +195,7 @@ class GrpcHandler:
         return message
 
     def _fail(self, stream: ServerStream, exc: BaseException) -> None:
+        call_failed(exc)
         trailers = status_trailers(exc)
         if stream.reset_code is not None:
             return

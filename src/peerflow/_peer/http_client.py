@@ -40,6 +40,7 @@ from .json_codec import (
 )
 from .limits import Limits
 from .logs import PeerLogger
+from .trace import current_trace_context, trace_headers
 from .variant_client import (
     MessageClient,
     RefScopes,
@@ -338,6 +339,9 @@ class HttpPeerClient(MessageClient[_Response]):
         if deadline != math.inf:
             remaining = max(0, math.ceil((deadline - trio.current_time()) * 1000))
             headers.append((TIMEOUT_MS_HEADER.encode(), str(remaining).encode()))
+        trace = current_trace_context()
+        if trace is not None:
+            headers.extend(trace_headers(trace))
         request = h11.Request(method="POST", target=target, headers=headers)
         while True:
             conn = self._idle.pop() if self._idle else await self._connect()

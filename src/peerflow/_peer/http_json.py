@@ -44,6 +44,7 @@ from .json_codec import (
 from .limits import Limits
 from .logs import PeerLogger
 from .service import Caller, PeerService, deref_pieces, encode_response
+from .trace import TRACEPARENT, TRACESTATE, call_failed
 
 __all__ = [
     "JSON_PATH_PREFIX",
@@ -65,6 +66,8 @@ _JSON: Final = JSON_CONTENT_TYPE.encode()
 _NDJSON: Final = NDJSON_CONTENT_TYPE.encode()
 _NODE_ID: Final = grpc.NODE_ID_HEADER.encode()
 _TIMEOUT_MS: Final = TIMEOUT_MS_HEADER.encode()
+_TRACEPARENT: Final = TRACEPARENT.encode()
+_TRACESTATE: Final = TRACESTATE.encode()
 
 Headers = Sequence[tuple[bytes, bytes]]
 
@@ -194,26 +197,31 @@ class JsonHandler:
                 415, _JSON, error_body("encode", "expected content-type application/json")
             )
             return
-        try:
-            caller = self._gate.admit(
-                exchange.header(b"authorization"),
-                exchange.header(_NODE_ID),
-                exchange.principal,
-                _scope_of,
-                exchange,
-            )
-            deadline = deadline_from_timeout_ms(exchange.header(_TIMEOUT_MS))
-            with trio.move_on_at(deadline):
-                await method(exchange, await exchange.read_body(), caller, deadline)
-                return
-            raise PeerTimeoutError("the call's deadline (X-Peerflow-Timeout-Ms) passed")
-        except PeerflowError as exc:
-            await self._fail(exchange, exc)
-        except Exception as exc:
-            self._log.exception("call %s failed", path.decode("latin-1"))
-            await self._fail(exchange, exc)
+        traceparent = exchange.header(_TRACEPARENT)
+        with self._gate.trace(
+            traceparent, traceparent and exchange.header(_TRACESTATE), path, "http_json"
+        ):
+            try:
+                caller = self._gate.admit(
+                    exchange.header(b"authorization"),
+                    exchange.header(_NODE_ID),
+                    exchange.principal,
+                    _scope_of,
+                    exchange,
+                )
+                deadline = deadline_from_timeout_ms(exchange.header(_TIMEOUT_MS))
+                with trio.move_on_at(deadline):
+                    await method(exchange, await exchange.read_body(), caller, deadline)
+                    return
+                raise PeerTimeoutError("the call's deadline (X-Peerflow-Timeout-Ms) passed")
+            except PeerflowError as exc:
+                await self._fail(exchange, exc)
+            except Exception as exc:
+                self._log.exception("call %s failed", path.decode("latin-1"))
+                await self._fail(exchange, exc)
 
     async def _fail(self, exchange: HttpExchange, exc: BaseException) -> None:
+        call_failed(exc)
         status, _, details = grpc.status_for_error(exc)
         body = encode_json_error(details)
         try:

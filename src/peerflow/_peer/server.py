@@ -93,7 +93,7 @@ class PeerServer:
         self._scopes: dict[object, Hashable] = {}
         self._scope_ids = itertools.count()
         self._nursery: trio.Nursery | None = None
-        gate = CallGate(self.token)
+        gate = CallGate(self.token, node_id=node_id)
         self._json = JsonHandler(self.service, limits, gate=gate)
         self._handler = GrpcHandler(
             self.service,

@@ -41,6 +41,7 @@ from ..errors import (
 from .leases import LeaseTable
 from .limits import Limits
 from .logs import PeerLogger
+from .trace import call_failed
 
 __all__ = ["Caller", "PeerService", "deref_pieces", "encode_response"]
 
@@ -208,7 +209,10 @@ class PeerService:
                 f"sub-workflow {request.workflow_name!r} ran past the caller's deadline"
             ) from outcome
         self._log.info("sub-workflow %r failed: %s", request.workflow_name, outcome)
-        return _failure(outcome)
+        response = _failure(outcome)
+        # An OK status on the wire, but a failed call for the trace.
+        call_failed(response.error or "", response.error_type)
+        return response
 
     def _success(
         self, result: Any, state: dict[str, Any], entries: list[RefEntry]

@@ -37,6 +37,7 @@ from .http_json import WEBSOCKET_PATH
 from .json_codec import parse_json_line
 from .limits import Limits
 from .logs import PeerLogger
+from .trace import current_trace_context
 from .variant_client import (
     MessageClient,
     RefScopes,
@@ -223,9 +224,13 @@ class WebSocketPeerClient(MessageClient[_CallReader]):
         timeout_ms = None
         if deadline != math.inf:
             timeout_ms = max(0, math.ceil((deadline - trio.current_time()) * 1000))
+        trace = current_trace_context()
+        traceparent = tracestate = None
+        if trace is not None:
+            traceparent, tracestate = trace.traceparent, trace.tracestate
         reader = _CallReader(receive, self)
         try:
-            await self._send(CallFrame(call_id, method, body, timeout_ms))
+            await self._send(CallFrame(call_id, method, body, timeout_ms, traceparent, tracestate))
             yield reader
         finally:
             del self._calls[call_id]

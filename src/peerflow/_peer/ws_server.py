@@ -48,6 +48,7 @@ from .json_codec import JSON_CONTENT_TYPE, encode_json_error
 from .limits import Limits
 from .logs import PeerLogger
 from .service import Caller, PeerService, deref_pieces, encode_response
+from .trace import call_failed
 from .ws_frames import (
     SUBPROTOCOL,
     CallFrame,
@@ -66,9 +67,10 @@ __all__ = ["WebSocketServer", "wait_until_silent"]
 _Method = Callable[["_Session", int, bytes, float], Awaitable[None]]
 
 _NODE_ID: Final = grpc.NODE_ID_HEADER.encode()
-# Frames wrap a message in a few bytes of map: the WebSocket message limit
-# leaves room for them above the message size limit.
-_FRAME_OVERHEAD: Final = 256
+# Frames wrap a message in a few bytes of map (with a call's trace context,
+# up to about 600 more): the WebSocket message limit leaves room for them
+# above the message size limit.
+_FRAME_OVERHEAD: Final = 1024
 # WebSocket close codes (RFC 6455, 7.4.1).
 _UNSUPPORTED_DATA: Final = 1003
 _INVALID_PAYLOAD: Final = 1007
@@ -95,7 +97,8 @@ class WebSocketServer:
     ) -> None:
         self.service = service
         self.limits = limits
-        self._gate = gate
+        #: Admits each connection and joins each call to its caller's trace.
+        self.gate = gate
         self._scope_for = scope_for
         self.log = PeerLogger("websocket", service.node_id)
         #: The methods served, by name (every session looks them up here).
@@ -144,7 +147,7 @@ class WebSocketServer:
             return
         headers = dict(request.headers)
         try:
-            caller = self._gate.admit(
+            caller = self.gate.admit(
                 headers.get(b"authorization"),
                 headers.get(_NODE_ID),
                 principal,
@@ -191,6 +194,7 @@ class _Session:
         self._log = server.log
         self._ws = ws
         self._caller = caller
+        self._gate = server.gate
         self._running: dict[int, trio.CancelScope] = {}
         self._broken = False
         self._methods = server.methods
@@ -251,21 +255,24 @@ class _Session:
         name_call(None, self._ws, frame.id)
         try:
             with scope:
-                try:
-                    method = self._methods.get(frame.method)
-                    if method is None:
-                        await self._send_unimplemented(frame)
-                        return
-                    deadline = deadline_from_timeout_ms(frame.timeout_ms, "timeout_ms")
-                    with trio.move_on_at(deadline):
-                        await method(self, frame.id, frame.body, deadline)
-                        return
-                    raise PeerTimeoutError("the call's deadline (timeout_ms) passed")
-                except PeerflowError as exc:
-                    await self._send_error(frame.id, exc)
-                except Exception as exc:
-                    self._log.exception("call %s failed", frame.method)
-                    await self._send_error(frame.id, exc)
+                method = self._methods.get(frame.method)
+                if method is None:
+                    await self._send_unimplemented(frame)
+                    return
+                with self._gate.trace(
+                    frame.traceparent, frame.tracestate, frame.method, "websocket"
+                ):
+                    try:
+                        deadline = deadline_from_timeout_ms(frame.timeout_ms, "timeout_ms")
+                        with trio.move_on_at(deadline):
+                            await method(self, frame.id, frame.body, deadline)
+                            return
+                        raise PeerTimeoutError("the call's deadline (timeout_ms) passed")
+                    except PeerflowError as exc:
+                        await self._send_error(frame.id, exc)
+                    except Exception as exc:
+                        self._log.exception("call %s failed", frame.method)
+                        await self._send_error(frame.id, exc)
         finally:
             del self._running[frame.id]
 
@@ -293,6 +300,7 @@ class _Session:
             raise PeerTransportError("the client took none of a frame in time")
 
     async def _send_error(self, frame_id: int, exc: BaseException) -> None:
+        call_failed(exc)
         status, _, details = grpc.status_for_error(exc)
         try:
             await self._send(ErrorFrame(frame_id, int(status), details))
