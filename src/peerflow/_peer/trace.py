@@ -246,12 +246,18 @@ _serving: contextvars.ContextVar[_CallTrace | None] = contextvars.ContextVar(
 class _CallTrace:
     """One served call's trace context, and its OpenTelemetry SERVER span if any."""
 
-    __slots__ = ("_attributes", "_context", "_name", "_span", "_tokens", "_tracer")
+    __slots__ = ("_attributes", "_context", "_name", "_otel", "_span", "_tokens", "_tracer")
 
     def __init__(
-        self, context: TraceContext | None, tracer: Any, name: str, attributes: dict[str, str]
+        self,
+        context: TraceContext | None,
+        otel: _OtelApi | None,
+        tracer: Any,
+        name: str,
+        attributes: dict[str, str],
     ) -> None:
         self._context = context
+        self._otel = otel
         self._tracer = tracer
         self._name = name
         self._attributes = attributes
@@ -261,15 +267,13 @@ class _CallTrace:
     def __enter__(self) -> None:
         current = _current.set(self._context)
         serving = _serving.set(self)
-        if self._tracer is None:
+        if self._otel is None or self._tracer is None:
             self._tokens = (current, serving)
             return
-        otel = _OTEL.api
-        assert otel is not None  # there is a tracer
-        self._span = otel.start_server_span(
+        self._span = self._otel.start_server_span(
             self._tracer, self._name, self._context, self._attributes
         )
-        self._tokens = (current, serving, otel.attach_span(self._span))
+        self._tokens = (current, serving, self._otel.attach_span(self._span))
 
     def __exit__(
         self,
@@ -279,20 +283,16 @@ class _CallTrace:
     ) -> None:
         if exc is not None:
             self.fail(exc)
-        if self._span is not None:
+        if self._otel is not None and self._span is not None:
+            self._otel.detach(self._tokens[2])
             self._span.end()
-            otel = _OTEL.api
-            assert otel is not None
-            otel.detach(self._tokens[2])
         _serving.reset(self._tokens[1])
         _current.reset(self._tokens[0])
 
     def fail(self, error: BaseException | str, error_type: str | None = None) -> None:
         """Mark the span (if any) as failed."""
-        if self._span is None:
+        if self._otel is None or self._span is None:
             return
-        otel = _OTEL.api
-        assert otel is not None
         if isinstance(error, BaseException):
             if isinstance(error, Exception):
                 self._span.record_exception(error)
@@ -300,7 +300,7 @@ class _CallTrace:
             description = f"{error_type}: {error}" if str(error) else error_type
         else:
             description = error
-        otel.set_error(self._span, description, error_type)
+        self._otel.set_error(self._span, description, error_type)
 
 
 def serve_trace(
@@ -342,7 +342,7 @@ def serve_trace(
         "peerflow.node_id": node_id,
         "peerflow.call_id": call_id(),
     }
-    return _CallTrace(context, tracer, f"{_SERVICE}/{method}", attributes)
+    return _CallTrace(context, otel, tracer, f"{_SERVICE}/{method}", attributes)
 
 
 def call_failed(error: BaseException | str, error_type: str | None = None) -> None:
