@@ -106,7 +106,9 @@ async def _grpc_call(address: PeerAddress, extra: dict[str, str]) -> Any:
     return decode_message(SubWorkflowResponse, body[5:]).result
 
 
-async def _h2_json_call(address: PeerAddress, extra: dict[str, str]) -> Any:
+async def _h2_json_call(
+    address: PeerAddress, extra: dict[str, str], step: str = "record", value: Any = None
+) -> Any:
     transport = await connect_tcp(address.host, address.port)
     async with open_h2_client(transport) as conn:
         headers = [
@@ -118,7 +120,7 @@ async def _h2_json_call(address: PeerAddress, extra: dict[str, str]) -> Any:
             (b"x-peerflow-peer-node-id", b"raw"),
             *((name.encode(), value.encode()) for name, value in extra.items()),
         ]
-        body = json.dumps({"v": 1, "workflow_name": "t", "step_ids": ["record"], "input": None})
+        body = json.dumps({"v": 1, "workflow_name": "t", "step_ids": [step], "input": value})
         async with await conn.open_stream(headers, body=body.encode()) as stream:
             assert dict(await stream.receive_headers())[b":status"] == b"200"
             return json.loads(await stream.receive_all())["result"]
@@ -182,6 +184,19 @@ async def test_a_traceparent_from_the_wire_reaches_the_step(
         # A tracestate past the limit is dropped; the traceparent still counts.
         await call(peer_b, {"traceparent": CONTEXT.traceparent, "tracestate": "a=" + "b" * 600})
     assert recorder.on("node-b") == [CONTEXT, TraceContext(CONTEXT.traceparent)]
+
+
+async def test_http_json_on_http2_forwards_the_context_too(
+    peer_b: PeerAddress, peer_c: PeerAddress, recorder: Recorder
+) -> None:
+    # No peerflow client speaks HTTP/JSON on HTTP/2: the caller here is raw h2.
+    headers = {"traceparent": CONTEXT.traceparent, "tracestate": "rojo=1,congo=2"}
+    with trio.fail_after(TIMEOUT):
+        result = await _h2_json_call(
+            peer_b, headers, "forward", {"variant": "grpc", "url": peer_c.url}
+        )
+    assert result == CONTEXT.traceparent
+    assert recorder.on("node-b") == recorder.on("node-c") == [CONTEXT]
 
 
 @pytest.mark.parametrize("call", RAW_CALLS)
