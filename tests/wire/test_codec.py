@@ -287,6 +287,24 @@ def test_decoding_a_chunk_with_a_wrong_field_names_it(fields: dict[str, Any], pa
     assert info.value.path == path
 
 
+@pytest.mark.parametrize(
+    ("fields", "path"),
+    [
+        ({"payload": msgpack.Timestamp(1, 0)}, "payload"),
+        ({"total_size": msgpack.Timestamp(1, 0), "payload": b""}, "total_size"),
+        # An unknown key takes the chunk off its short path: the value check runs.
+        ({"payload": b"x" * 5000, "later": [msgpack.Timestamp(1, 0)]}, "later[0]"),
+        ({"payload": b"x", "later": {"m": {b"k": 2}}}, "later[\"m\"][b'k']"),
+    ],
+)
+def test_decoding_a_chunk_refuses_what_is_not_a_wire_value(
+    fields: dict[str, Any], path: str
+) -> None:
+    with pytest.raises(PeerEncodeError) as info:
+        decode_message(DerefChunk, msgpack.packb({"v": 1, **fields}))
+    assert info.value.path == path
+
+
 def test_decoding_a_chunk_fills_in_its_defaults() -> None:
     assert decode_message(DerefChunk, msgpack.packb({"v": 1})) == DerefChunk()
     first = {"v": 1, "type_tag": "t", "total_size": 9, "payload": b"abc"}

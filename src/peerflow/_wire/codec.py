@@ -243,11 +243,20 @@ def _structure_chunk(value: dict[str, Any], _: Any) -> DerefChunk:
         or (total_size is not None and type(total_size) is not int)
     ):
         raise _Invalid("not a deref chunk")  # the detailed hook names the field
-    if type_tag is None and total_size is None:
-        # Every chunk but the first. Keywords cost a tenth of a microsecond;
-        # mypy's attrs plugin misses the kw_only that _optional() sets.
-        return DerefChunk(payload)  # type: ignore[arg-type]
-    return DerefChunk(payload=payload, type_tag=type_tag, total_size=total_size)
+    # Its slots are filled directly: a frozen class's __init__ sets each one
+    # through object.__setattr__, which after a large unpack (caches cold)
+    # costs most of what decoding adds to unpacking.
+    chunk = _new_chunk(DerefChunk)
+    _set_type_tag(chunk, type_tag)
+    _set_total_size(chunk, total_size)
+    _set_payload(chunk, payload)
+    return chunk
+
+
+_new_chunk = DerefChunk.__new__
+_set_type_tag = DerefChunk.__dict__["type_tag"].__set__
+_set_total_size = DerefChunk.__dict__["total_size"].__set__
+_set_payload = DerefChunk.__dict__["payload"].__set__
 
 
 def _unstructure_inline_ref(ref: InlineRef) -> dict[str, Any]:
@@ -460,8 +469,19 @@ def _ext_hook(code: int, _data: bytes) -> Any:
 _INNOCENT_BYTES = bytes(b for b in range(256) if b not in (0xC4, 0xC5, 0xC6, 0xFF))
 _BYTE_SEARCH_LIMIT = 4096
 
+# The keys of a message whose fields are all scalars that its structuring hook
+# type-checks: a body with no other keys holds nothing the wire-value check
+# could refuse, so the check is skipped. Only the deref chunk is listed: it
+# is decoded after copying up to a MiB out of the frame, when every further
+# step runs on cold caches and costs several times what it does otherwise.
+_SCALAR_FIELDS: dict[type, frozenset[str]] = {
+    DerefChunk: frozenset({"v", "type_tag", "total_size", "payload"}),
+}
 
-def _unpack(data: bytes | bytearray | memoryview) -> dict[str, Any]:
+
+def _unpack(
+    data: bytes | bytearray | memoryview, scalar_fields: frozenset[str] | None = None
+) -> dict[str, Any]:
     try:
         # msgpack >= 1.0 defaults to what we need: str as str (strict UTF-8),
         # arrays as lists, only str or bytes map keys, and every length limit
@@ -476,6 +496,8 @@ def _unpack(data: bytes | bytearray | memoryview) -> dict[str, Any]:
     if type(body) is not dict:
         raise PeerEncodeError(f"message must be a msgpack map, got {type(body).__name__}")
     check_envelope_version(body.get("v"))
+    if scalar_fields is not None and body.keys() <= scalar_fields:
+        return body  # its structuring hook checks every value: see _SCALAR_FIELDS
     size = data.nbytes if isinstance(data, memoryview) else len(data)
     if size <= _BYTE_SEARCH_LIMIT and not (
         data.tobytes() if isinstance(data, memoryview) else data
@@ -516,7 +538,7 @@ def decode_message(cls: type[M], data: bytes | bytearray | memoryview) -> M:
             ``v``.
         PeerEnvelopeVersionError: ``v`` is newer than this build speaks.
     """
-    return _structure(_unpack(data), cls)
+    return _structure(_unpack(data, _SCALAR_FIELDS.get(cls)), cls)
 
 
 def decode_stream_message(
