@@ -86,19 +86,28 @@ def _invoke_body() -> bytes:
     return encode_message(InvokeSubWorkflowRequest("tracing", ("record",), None))
 
 
+def _h2_headers(
+    path: bytes, content_type: bytes, extra: dict[str, str]
+) -> list[tuple[bytes, bytes]]:
+    return [
+        (b":method", b"POST"),
+        (b":scheme", b"http"),
+        (b":authority", b"peer"),
+        (b":path", path),
+        (b"content-type", content_type),
+        (b"x-peerflow-peer-node-id", b"raw"),
+        *((name.encode(), value.encode()) for name, value in extra.items()),
+    ]
+
+
 async def _grpc_call(address: PeerAddress, extra: dict[str, str]) -> Any:
     transport = await connect_tcp(address.host, address.port)
     async with open_h2_client(transport) as conn:
-        headers = [
-            (b":method", b"POST"),
-            (b":scheme", b"http"),
-            (b":authority", b"peer"),
-            (b":path", b"/peerflow.peer.v1.Peer/InvokeSubWorkflow"),
-            (b"content-type", b"application/grpc+msgpack"),
-            (b"te", b"trailers"),
-            (b"x-peerflow-peer-node-id", b"raw"),
-            *((name.encode(), value.encode()) for name, value in extra.items()),
-        ]
+        headers = _h2_headers(
+            b"/peerflow.peer.v1.Peer/InvokeSubWorkflow",
+            b"application/grpc+msgpack",
+            {"te": "trailers", **extra},
+        )
         async with await conn.open_stream(headers, body=encode_frame(_invoke_body())) as stream:
             assert dict(await stream.receive_headers())[b":status"] == b"200"
             body = await stream.receive_all()
@@ -111,15 +120,7 @@ async def _h2_json_call(
 ) -> Any:
     transport = await connect_tcp(address.host, address.port)
     async with open_h2_client(transport) as conn:
-        headers = [
-            (b":method", b"POST"),
-            (b":scheme", b"http"),
-            (b":authority", b"peer"),
-            (b":path", b"/peerflow.peer.v1/InvokeSubWorkflow"),
-            (b"content-type", b"application/json"),
-            (b"x-peerflow-peer-node-id", b"raw"),
-            *((name.encode(), value.encode()) for name, value in extra.items()),
-        ]
+        headers = _h2_headers(b"/peerflow.peer.v1/InvokeSubWorkflow", b"application/json", extra)
         body = json.dumps({"v": 1, "workflow_name": "t", "step_ids": [step], "input": value})
         async with await conn.open_stream(headers, body=body.encode()) as stream:
             assert dict(await stream.receive_headers())[b":status"] == b"200"
