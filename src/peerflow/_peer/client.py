@@ -39,7 +39,7 @@ from .limits import Limits
 from .logs import PeerLogger
 from .trace import current_trace_context, trace_headers
 
-__all__ = ["PeerClient", "StreamCall", "open_client_over", "parse_endpoint"]
+__all__ = ["PeerClient", "StreamCall", "deadline_scope", "open_client_over", "parse_endpoint"]
 
 _CONTENT_TYPE: Final = grpc.CONTENT_TYPE.encode()
 M = TypeVar("M")
@@ -282,7 +282,7 @@ class PeerClient:
             The same errors as :meth:`invoke_sub_workflow`.
         """
         request = self._request(workflow_name, step_ids, input, timeout)
-        with collapse_excgroups(), _deadline_scope(timeout) as timer:
+        with collapse_excgroups(), deadline_scope(timeout) as timer:
             async with self._call(grpc.STREAM_SUB_WORKFLOW, request) as reader:
                 yield StreamCall(reader, self)
         if timer.cancelled_caught:
@@ -316,7 +316,7 @@ class PeerClient:
             The same errors as :meth:`deref_session_ref`.
         """
         request = encode_message(DerefSessionRefRequest(ref_uuid))
-        with _deadline_scope(timeout) as timer:
+        with deadline_scope(timeout) as timer:
             async with self._call(grpc.DEREF_SESSION_REF, request) as reader:
                 yield _Payloads(reader)
         if timer.cancelled_caught:
@@ -432,7 +432,8 @@ class PeerClient:
             yield _Reader(stream, method, self._limits.max_message_size)
 
 
-def _deadline_scope(timeout: float | None) -> trio.CancelScope:
+def deadline_scope(timeout: float | None) -> trio.CancelScope:
+    """A cancel scope that expires after ``timeout`` seconds, or never for None."""
     if timeout is None:
         return trio.CancelScope()
     return trio.move_on_after(timeout)

@@ -29,6 +29,7 @@ from .._wire.envelopes import (
 from ..errors import PeerError, PeerTimeoutError, PeerTransportError
 from .auth import bearer_header, resolve_peer_token
 from .calls import TIMEOUT_MS_HEADER
+from .client import deadline_scope
 from .http_json import JSON_PATH_PREFIX
 from .json_codec import (
     JSON_CONTENT_TYPE,
@@ -44,7 +45,6 @@ from .trace import current_trace_context, trace_headers
 from .variant_client import (
     MessageClient,
     RefScopes,
-    deadline_scope,
     error_for_details,
     parse_base_url,
     status_for_http,

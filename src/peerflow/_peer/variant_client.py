@@ -38,7 +38,7 @@ from .._wire.envelopes import (
     SubWorkflowResponse,
 )
 from ..errors import PeerError, PeerTimeoutError, PeerTransportError
-from .client import Endpoint, parse_endpoint
+from .client import Endpoint, deadline_scope, parse_endpoint
 from .logs import PeerLogger
 
 __all__ = [
@@ -47,7 +47,6 @@ __all__ = [
     "RefScope",
     "RefScopes",
     "UnimplementedError",
-    "deadline_scope",
     "error_for_details",
     "parse_base_url",
     "status_for_http",
@@ -500,10 +499,3 @@ class MessageClient(abc.ABC, Generic[R]):
             return await self._unary("Lease", self._encode(request), LeaseResponse, None)
         except UnimplementedError:
             return None
-
-
-def deadline_scope(timeout: float | None) -> trio.CancelScope:
-    """A cancel scope that expires after ``timeout`` seconds, or never for None."""
-    if timeout is None:
-        return trio.CancelScope()
-    return trio.move_on_after(timeout)

@@ -32,7 +32,7 @@ from .._wire.envelopes import (
 )
 from ..errors import PeerError, PeerTimeoutError, PeerTransportError
 from .auth import bearer_header, resolve_peer_token
-from .client import Endpoint
+from .client import Endpoint, deadline_scope
 from .http_json import WEBSOCKET_PATH
 from .json_codec import parse_json_line
 from .limits import Limits
@@ -41,7 +41,6 @@ from .trace import current_trace_context
 from .variant_client import (
     MessageClient,
     RefScopes,
-    deadline_scope,
     error_for_details,
     parse_base_url,
     status_for_http,
