@@ -7,7 +7,7 @@ import trio
 from tracing_helpers import Recorder, build_steps
 
 from peerflow import PeerAddress, PeerServer, StepRegistry
-from peerflow._peer.trace import _OTEL
+from peerflow._peer import trace
 
 
 @pytest.fixture
@@ -41,6 +41,5 @@ async def peer_c(nursery: trio.Nursery, registry: StepRegistry) -> PeerAddress:
 def otel_api(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run a test with the OpenTelemetry API importable (no provider set) and as if absent."""
     if request.param == "absent":
-        monkeypatch.setattr(_OTEL, "api", None)
-        monkeypatch.setattr(_OTEL, "loaded", True)
+        monkeypatch.setattr(trace, "_otel", lambda: None)
     return str(request.param)

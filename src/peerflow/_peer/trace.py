@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import importlib
 import re
 from collections.abc import Callable, Iterator
@@ -172,7 +173,7 @@ def current_trace_context() -> TraceContext | None:
     the one set by :func:`use_trace_context` or by the peer call this task
     serves.
     """
-    otel = _OTEL.api if _OTEL.loaded else _OTEL.load()
+    otel = _otel()
     if otel is not None:
         context = otel.current()
         if context is not None:
@@ -216,26 +217,8 @@ def trace_headers(context: TraceContext) -> tuple[tuple[bytes, bytes], ...]:
 # -- the serving side ------------------------------------------------------------
 
 
-@final
-class _NoTrace:
-    """The trace of a call that carries no trace context and opens no span: nothing."""
-
-    __slots__ = ()
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        return None
-
-
 #: What :func:`serve_trace` gives a call with nothing to trace.
-NO_TRACE: Final = _NoTrace()
+NO_TRACE: Final = contextlib.nullcontext()
 
 _serving: contextvars.ContextVar[_CallTrace | None] = contextvars.ContextVar(
     "peerflow_serving_trace", default=None
@@ -325,7 +308,7 @@ def serve_trace(
     ``transport`` is ``grpc``, ``http_json`` or ``websocket``; ``call_id``
     gives the call's id, asked only when there is something to trace.
     """
-    otel = _OTEL.api if _OTEL.loaded else _OTEL.load()
+    otel = _otel()
     tracer = None if otel is None else otel.tracer()
     if traceparent is None and tracer is None:
         return NO_TRACE
@@ -440,26 +423,13 @@ class _OtelApi:
             span.set_attribute("error.type", error_type)
 
 
-@final
-class _OtelSlot:
-    """The OpenTelemetry API, imported on first use (or None when it is not installed)."""
-
-    def __init__(self) -> None:
-        self.loaded = False
-        self.api: _OtelApi | None = None
-
-    def load(self) -> _OtelApi | None:
-        """Import the API once; later calls read :attr:`api`."""
-        if not self.loaded:
-            try:
-                self.api = _OtelApi(
-                    importlib.import_module("opentelemetry.trace"),
-                    importlib.import_module("opentelemetry.context"),
-                )
-            except ImportError:
-                self.api = None
-            self.loaded = True
-        return self.api
-
-
-_OTEL: Final = _OtelSlot()
+@functools.cache
+def _otel() -> _OtelApi | None:
+    """The OpenTelemetry API, imported on first use (None when it is not installed)."""
+    try:
+        return _OtelApi(
+            importlib.import_module("opentelemetry.trace"),
+            importlib.import_module("opentelemetry.context"),
+        )
+    except ImportError:
+        return None
