@@ -20,6 +20,7 @@ from peerflow import (
     SubWorkflowResponse,
     peer_envelope_version,
 )
+from peerflow._wire import codec
 from peerflow._wire.codec import (
     decode_message,
     decode_stream_message,
@@ -216,6 +217,69 @@ def test_nesting_up_to_the_limit_is_fine_and_deeper_is_refused() -> None:
     error = _encode_error(_nested(MAX_DEPTH + 1))
     assert error.path == "input" + "[0]" * MAX_DEPTH
     assert "deeper than" in error.reason
+
+
+class _Name(str):
+    pass
+
+
+@pytest.mark.parametrize(
+    ("fields", "path", "reason"),
+    [
+        ({"workflow_name": 7}, "workflow_name", "expected str, got int"),
+        ({"workflow_name": _Name("w")}, "workflow_name", "expected str, got _Name"),
+        ({"step_ids": ["a", 3]}, "step_ids[1]", "expected str, got int"),
+        ({"step_ids": ["a", msgpack.ExtType(1, b"")]}, "step_ids[1]", "got ExtType"),
+        ({"step_ids": [_Name("a")]}, "step_ids[0]", "_Name is not a wire value"),
+        ({"timeout_ms": True}, "timeout_ms", "expected int, got bool"),
+        ({"timeout_ms": msgpack.Timestamp(1, 0)}, "timeout_ms", "got Timestamp"),
+        ({"lease_id": b"l"}, "lease_id", "expected str, got bytes"),
+    ],
+)
+def test_encoding_a_request_field_of_the_wrong_type_names_it(
+    fields: dict[str, Any], path: str, reason: str
+) -> None:
+    # The sender gets the error the peer would give on decoding.
+    request = InvokeSubWorkflowRequest(**{"workflow_name": "wf", "step_ids": ["a"], **fields})
+    with pytest.raises(PeerEncodeError) as info:
+        encode_message(request)
+    assert info.value.path == path
+    assert reason in info.value.reason
+
+
+def test_a_nested_encode_while_packing_gets_its_own_packer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # msgpack calls the codec's default hook mid-pack (for a tuple); an
+    # encode from there must not share the packer that is busy.
+    inner = InvokeSubWorkflowRequest("inner", ["b"], {"n": 2})
+    nested: list[bytes] = []
+
+    def default_that_encodes(value: Any) -> Any:
+        nested.append(encode_message(inner))
+        return list(value)
+
+    monkeypatch.setattr(codec, "_pack_default", default_that_encodes)
+    monkeypatch.setattr(codec, "_PACKERS", [])
+    outer = encode_message(_request({"t": (1, 2)}))
+    assert msgpack.unpackb(nested[0])["input"] == {"n": 2}
+    assert msgpack.unpackb(outer)["input"] == {"t": [1, 2]}
+    # Both packers went back, and each packs correctly again.
+    assert len(codec._PACKERS) == 2
+    assert encode_message(inner) == encode_message(inner) == nested[0]
+
+
+def test_a_packer_that_grew_or_failed_is_not_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(codec, "_PACKERS", [])
+    encode_message(_request(1))
+    assert len(codec._PACKERS) == 1
+    encode_message(DerefChunk(bytes(codec._PACKER_KEPT_SIZE)))
+    assert codec._PACKERS == []
+    encode_message(_request(1))
+    with pytest.raises(PeerEncodeError):
+        encode_message(_request({"s": {1}}))
+    assert codec._PACKERS == []
+    assert msgpack.unpackb(encode_message(_request([1, "x"])))["input"] == [1, "x"]
 
 
 def test_bad_values_in_state_and_result_name_those_fields() -> None:

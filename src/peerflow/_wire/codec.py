@@ -395,6 +395,27 @@ def _request_body(request: InvokeSubWorkflowRequest) -> dict[str, Any]:
     return body
 
 
+def _encode_request(request: InvokeSubWorkflowRequest) -> bytes:
+    # Its own fields are type-checked here, so that the walk after packing
+    # covers only ``input``: the one field a caller fills with anything. A
+    # wrong type gets the error decoding would give, with its path; join
+    # refuses a step id that is not a str, msgpack one that is a subclass.
+    body = _request_body(request)
+    timeout_ms, lease_id = request.timeout_ms, request.lease_id
+    try:
+        typed = (
+            type(request.workflow_name) is str
+            and (timeout_ms is None or type(timeout_ms) is int)
+            and (lease_id is None or type(lease_id) is str)
+            and "".join(body["step_ids"]) is not None
+        )
+    except TypeError:
+        typed = False
+    if not typed:
+        _structure(body, InvokeSubWorkflowRequest)  # raises, naming the field
+    return _pack(body, [request.input])
+
+
 _BODY: dict[type, Callable[[Any], dict[str, Any]]] = {
     cls: _versioned(_converter.get_unstructure_hook(cls)) for cls in Message.__args__
 }
@@ -414,16 +435,30 @@ def _pack_default(value: Any) -> Any:
     raise TypeError(f"cannot pack {type(value).__name__}")
 
 
-def _pack(body: dict[str, Any]) -> bytes:
+# Packers ready for reuse. A packer is off the list while it packs, so a
+# thread, or a nested encode from a signal handler or finalizer, that finds
+# none builds its own. A packer keeps any buffer it grew beyond the initial
+# 256 KiB, so one that packed more, or failed, is dropped.
+_PACKERS: list[msgpack.Packer] = []
+_PACKER_KEPT_SIZE = 256 * 1024
+
+
+def _pack(body: dict[str, Any], fields: list[Any] | None = None) -> bytes:
     # Pack first: with exact types, msgpack refuses most bad values itself, in
     # C, and the walk afterwards only looks for what it lets through (see
-    # values). A fresh Packer per call keeps this thread-safe; building it
-    # directly skips packb's keyword forwarding.
+    # values). ``fields`` are the only values of ``body`` that walk needs to
+    # see, when the caller vouches for the rest (see scan_after_msgpack).
     try:
-        data: bytes = msgpack.Packer(strict_types=True, default=_pack_default).pack(body)
+        packer = _PACKERS.pop()
+    except IndexError:
+        packer = msgpack.Packer(strict_types=True, default=_pack_default)
+    try:
+        data: bytes = packer.pack(body)
     except (TypeError, ValueError, OverflowError) as exc:
         raise locate_problem(body) or PeerEncodeError(f"cannot pack: {exc}") from None
-    if not scan_after_msgpack(body, len(data)):
+    if len(data) <= _PACKER_KEPT_SIZE:
+        _PACKERS.append(packer)
+    if not scan_after_msgpack(body, len(data), fields):
         problem = locate_problem(body)
         if problem is not None:
             raise problem
@@ -437,6 +472,8 @@ def encode_message(message: Message) -> bytes:
         PeerEncodeError: a field holds something that is not a wire value; the
             error's path names it, e.g. ``input["rows"][3]``.
     """
+    if type(message) is InvokeSubWorkflowRequest:
+        return _encode_request(message)
     return _pack(_BODY.get(type(message), _any_body)(message))
 
 

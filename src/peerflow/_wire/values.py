@@ -133,16 +133,18 @@ _str_keyed = _counted_together if _SKIP_LEAF_LEVEL else _counted_each if _KEYS_C
 _EXTENSIONS_NEVER_END = _extensions_never_end()
 
 
-def scan_after_msgpack(message: dict[str, Any], size: int) -> bool:
+def scan_after_msgpack(message: dict[str, Any], size: int, fields: list[Any] | None = None) -> bool:
     """Return True if ``message`` is a wire value, given msgpack has vetted it.
 
     ``message`` must have just been packed with exact types (see the codec)
     into ``size`` bytes, or unpacked from them; then every leaf has a wire
     type or is one of what msgpack lets through: a map key that is not a
     str, an extension value, a memoryview, or nesting deeper than
-    :data:`MAX_DEPTH`. The map's own keys are checked too. False means
-    "maybe not": ask :func:`locate_problem`, which names the problem or
-    clears the message.
+    :data:`MAX_DEPTH`. The map's own keys are checked too, unless
+    ``fields`` lists the only values of ``message`` to check: the caller
+    then vouches for the rest (str keys, values of exact scalar types or
+    lists of str). False means "maybe not": ask :func:`locate_problem`,
+    which names the problem or clears the message.
     """
     # The hot path of every encode and large decode. Python bytecode per item
     # costs more than the packing itself, so the walk goes one nesting level
@@ -158,14 +160,19 @@ def scan_after_msgpack(message: dict[str, Any], size: int) -> bool:
     # over the containers for the map keys.
     if not _EXTENSIONS_NEVER_END:
         return False
-    level = get_referents(message)
-    if _KEYS_COUNTED:
+    parents: list[Any]
+    if fields is not None:
+        level = fields
+        parents = []
+    elif _KEYS_COUNTED:
+        level = get_referents(message)
         # The map's own keys. (Were it an object's __dict__ hiding its values,
         # the count would only come up short: a "maybe not".)
         if len(level) != len(message):
             return False
         parents = []
     else:
+        level = get_referents(message)
         parents = [message]
     below = get_referents(*level)
     if not below and _SKIP_LEAF_LEVEL:
