@@ -13,6 +13,7 @@ from peerflow import (
     DuplicateStepError,
     DynamicEvent,
     Event,
+    PeerEncodeError,
     StartEvent,
     StepError,
     StepRegistry,
@@ -171,13 +172,60 @@ async def test_dynamic_event_routes_by_wire_name(registry: StepRegistry) -> None
 
     @wf.step("typed", Job)
     async def typed(ev: Any, ctx: Context) -> StopEvent:
-        return StopEvent(ev.data["n"])
+        # The dynamic event stands for a registered class: the step gets one.
+        assert type(ev) is Job
+        return StopEvent(ev.n)
 
     @wf.step("by-name", "remote.Thing")
     async def by_name(ev: Any, ctx: Context) -> StopEvent:
         return StopEvent("never")
 
     assert (await wf.run()).result == 3
+
+
+@pytest.mark.parametrize("how", ["return", "send"])
+async def test_a_dynamic_stop_event_ends_the_run(registry: StepRegistry, how: str) -> None:
+    # The seed's steps end a run with a stop event spelled as a name and data.
+    wf = Workflow("dynamic-stop", registry=registry)
+    stop = DynamicEvent("peerflow.StopEvent", {"result": {"summary": "..."}})
+
+    @wf.step("start", StartEvent)
+    async def start(ev: StartEvent, ctx: Context) -> Event | None:
+        if how == "return":
+            return stop
+        ctx.send_event(stop)
+        await trio.sleep_forever()
+        return None
+
+    with trio.fail_after(5):
+        assert (await wf.run()).result == {"summary": "..."}
+
+
+async def test_a_dynamic_event_that_does_not_fit_its_class_fails_the_step(
+    registry: StepRegistry,
+) -> None:
+    wf = Workflow("dynamic-misfit", registry=registry)
+    sent: list[BaseException] = []
+
+    @wf.step("start", StartEvent)
+    async def start(ev: StartEvent, ctx: Context) -> Event:
+        try:
+            ctx.send_event(DynamicEvent("tests.routing.Job", {"n": "three"}))
+        except PeerEncodeError as exc:
+            sent.append(exc)
+        return DynamicEvent("tests.routing.Job", {})
+
+    @wf.step("job", Job)
+    async def job(ev: Job, ctx: Context) -> StopEvent:
+        return StopEvent("never")
+
+    with pytest.raises(StepError) as info:
+        await wf.run()
+    assert info.value.step_id == "start"
+    assert isinstance(info.value.__cause__, PeerEncodeError)
+    assert "tests.routing.Job" in str(info.value.__cause__)
+    assert len(sent) == 1
+    assert "tests.routing.Job" in str(sent[0])
 
 
 async def test_stop_event_cancels_in_flight_steps(registry: StepRegistry) -> None:

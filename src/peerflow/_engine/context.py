@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, final
 
-from .events import Event
+from .events import Event, as_registered
 from .steps import AcceptsSpec, normalize_accepts
 
 if TYPE_CHECKING:
@@ -72,10 +72,12 @@ class Context:
 
         Raises:
             TypeError: ``event`` is not an :class:`~peerflow.Event`.
+            PeerEncodeError: ``event`` is a :class:`~peerflow.DynamicEvent`
+                whose data does not fit the class registered under its name.
         """
         if not isinstance(event, Event):
             raise TypeError(f"send_event() takes an Event, not {type(event).__name__}")
-        self._run.send(event)
+        self._run.send(as_registered(event))
 
     def write_event_to_stream(self, event: Event) -> None:
         """Publish ``event`` to the run's observers (``handle.events()``); never blocks.

@@ -74,9 +74,13 @@ class Event:
 @final
 @attrs.define
 class DynamicEvent(Event):
-    """An event of a type with no class registered here: a wire name plus its data.
+    """An event named by its wire name, with its data as a map.
 
-    It routes exactly like an instance of the class with that wire name would.
+    Events from the wire whose type has no class registered here arrive as
+    these. A step may also return or send one: if a class is registered
+    under its name (``"peerflow.StopEvent"`` included), it becomes an
+    instance of that class first, so it routes, and reaches steps, exactly
+    as that instance would.
     """
 
     _peerflow_dynamic_: ClassVar[bool] = True
@@ -104,6 +108,20 @@ class StopEvent(Event, event_type="peerflow.StopEvent"):
 def event_class(event_type: str) -> type[Event] | None:
     """Return the class registered under wire name ``event_type``, or None."""
     return _registry.get(event_type)
+
+
+def as_registered(event: Event) -> Event:
+    """Return what ``event`` stands for: a :class:`DynamicEvent` whose wire name
+    has a registered class becomes an instance of that class, as if it had
+    come from the wire; any other event is returned as it is.
+
+    Raises:
+        PeerEncodeError: the dynamic event's data does not fit the class (the
+            path names the field).
+    """
+    if type(event) is not DynamicEvent or event.event_type not in _registry:
+        return event
+    return event_from_wire({"event_type": event.event_type, "data": event.data})
 
 
 def event_type_name(kind: type[Event] | str) -> str:

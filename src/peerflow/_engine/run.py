@@ -28,6 +28,7 @@ import trio
 from .._refs.descriptor import RefLifetime, RemoteRefDescriptor
 from .._refs.registry import RefEntry, RefsView, SessionRefRegistry
 from ..errors import (
+    PeerEncodeError,
     StepError,
     StepTimeoutError,
     UnroutableEventError,
@@ -35,7 +36,7 @@ from ..errors import (
     WorkflowTimeoutError,
 )
 from .context import Context
-from .events import Event, StartEvent, StopEvent
+from .events import DynamicEvent, Event, StartEvent, StopEvent, as_registered
 from .steps import StepSpec
 
 if sys.version_info < (3, 11):  # pragma: no cover - exercised on 3.10 only
@@ -217,7 +218,7 @@ class Run:
         # before the handler returned anyway.
         while pair is not None and pair[0].step_id in self._inline and not self._unspawned:
             outputs = await self._invoke(*pair)
-            pair = None if outputs is None else self._route(outputs)
+            pair = None if outputs is None else self._route(outputs, pair[0].step_id)
         if pair is None and not self._unspawned:
             return
         async with trio.open_nursery() as nursery:
@@ -239,7 +240,7 @@ class Run:
             outputs = await self._invoke(*next_pair)
             if outputs is None:
                 return
-            next_pair = self._route(outputs)
+            next_pair = self._route(outputs, next_pair[0].step_id)
 
     async def _invoke(self, step: StepSpec, event: Event) -> Sequence[Event] | None:
         ctx = Context(self, step.step_id, event)
@@ -283,12 +284,20 @@ class Run:
             return None
         return out
 
-    def _route(self, events: Sequence[Event]) -> tuple[StepSpec, Event] | None:
-        """Route ``events``; return one (step, event) pair for the caller to run itself."""
+    def _route(self, events: Sequence[Event], sender: str = "") -> tuple[StepSpec, Event] | None:
+        """Route ``events`` from step ``sender``; return one (step, event) pair
+        for the caller to run itself."""
         first: tuple[StepSpec, Event] | None = None
-        for event in events:
+        for emitted in events:
             if self._decided:
                 return None
+            event = emitted
+            if type(event) is DynamicEvent:
+                try:
+                    event = as_registered(emitted)
+                except PeerEncodeError as exc:
+                    self._fail(StepError(sender, exc))
+                    return None
             if type(event) is StopEvent:
                 self._finish(event.result)
                 return None
