@@ -203,6 +203,7 @@ async def test_a_body_above_the_limit_gets_413_before_it_is_read(server: PeerSer
     async with memory_connection(server) as conn:
         head = (
             b"POST /peerflow.peer.v1/InvokeSubWorkflow HTTP/1.1\r\nhost: p\r\n"
+            b"x-peerflow-peer-node-id: raw\r\n"
             b"content-type: application/json\r\ncontent-length: 5000\r\n\r\n"
         )
         reply = await conn.call(head)  # not one body byte sent
@@ -214,6 +215,7 @@ async def test_a_chunked_body_above_the_limit_gets_413(server: PeerServer) -> No
     async with memory_connection(server) as conn:
         head = (
             b"POST /peerflow.peer.v1/InvokeSubWorkflow HTTP/1.1\r\nhost: p\r\n"
+            b"x-peerflow-peer-node-id: raw\r\n"
             b"content-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
         )
         chunk = b"800\r\n" + b" " * 0x800 + b"\r\n"

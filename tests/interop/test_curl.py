@@ -226,7 +226,8 @@ async def test_curl_reuses_one_kept_alive_connection(address: PeerAddress) -> No
     assert CURL is not None
     url = f"{address.url}/peerflow.peer.v1/ReleaseSessionRef"
     body = json.dumps({"v": 1, "ref_uuid": "x"})
-    one = ["-H", "content-type: application/json", "--data-binary", body, url]
+    one = ["-H", "content-type: application/json", "-H", "x-peerflow-peer-node-id: curl"]
+    one += ["--data-binary", body, url]
     with trio.fail_after(TIMEOUT):
         result = await trio.run_process(
             [CURL, "-sS", "-v", *one, "--next", *one], capture_stdout=True, capture_stderr=True

@@ -275,6 +275,44 @@ async def test_unknown_method_is_unimplemented(channel: grpc.Channel, path: str)
     assert status_of(info.value) == grpc.StatusCode.UNIMPLEMENTED
 
 
+@pytest.mark.parametrize("token", ["s3cret"])
+async def test_only_an_authenticated_caller_learns_a_method_is_unknown(
+    channel: grpc.Channel,
+) -> None:
+    call = channel.unary_unary("/peerflow.peer.v1.Peer/NoSuchMethod")
+    node_id = ("x-peerflow-peer-node-id", "a")
+    statuses = []
+    with trio.fail_after(TIMEOUT):
+        for metadata in ([node_id], [node_id, ("authorization", "Bearer s3cret")]):
+            with pytest.raises(grpc.RpcError) as info:
+                await trio.to_thread.run_sync(
+                    lambda: call(pack({"v": 1}), timeout=10, metadata=metadata)  # noqa: B023
+                )
+            statuses.append(status_of(info.value))
+    assert statuses == [grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNIMPLEMENTED]
+
+
+@pytest.mark.parametrize("metadata", [[], [("x-peerflow-peer-node-id", "")]])
+async def test_a_call_that_names_no_caller_node_id_is_refused(
+    channel: grpc.Channel, caller: GrpcioCaller, probe: Probe, metadata: list[tuple[str, str]]
+) -> None:
+    # Callers without one would share one identity, and so each other's refs.
+    call = channel.unary_unary(SERVICE + "InvokeSubWorkflow")
+    request = pack(invoke_request(["echo"], 1))
+    with trio.fail_after(TIMEOUT):
+        with pytest.raises(grpc.RpcError) as info:
+            await trio.to_thread.run_sync(lambda: call(request, timeout=10, metadata=metadata))
+        # The connection serves the next caller as ever.
+        response = await caller.unary("InvokeSubWorkflow", invoke_request(["echo"], 2))
+    assert status_of(info.value) == grpc.StatusCode.INVALID_ARGUMENT
+    details = error_details(info.value)
+    assert details["code"] == "encode"
+    assert details["path"] == "x-peerflow-peer-node-id"
+    assert "node id" in details["message"]
+    assert response["result"] == 2
+    assert probe.ran.count("echo") == 1
+
+
 async def test_a_grpcio_deadline_cancels_the_remote_run_and_purges_its_refs(
     caller: GrpcioCaller, server: PeerServer, probe: Probe
 ) -> None:

@@ -81,6 +81,8 @@ class CallGate:
         Raises:
             PeerAuthError: the server has a token and the call's
                 ``authorization`` header does not carry it.
+            PeerEncodeError: the call names no caller node id (an empty one
+                included); callers without one would share one identity.
         """
         if self.token is not None:
             if not check_bearer(authorization, self.token):
@@ -89,7 +91,9 @@ class CallGate:
             # is one principal: the token itself is the identity.
             if principal is None:
                 principal = self._token_principal
-        return Caller((node_id or b"").decode("utf-8", "replace"), principal, scope_of(connection))
+        if not node_id:
+            raise PeerEncodeError("every call must name its caller's node id", grpc.NODE_ID_HEADER)
+        return Caller(node_id.decode("utf-8", "replace"), principal, scope_of(connection))
 
     def trace(
         self,

@@ -132,15 +132,6 @@ class GrpcHandler:
             )
             await stream.send_data(b"expected content-type application/grpc", end_stream=True)
             return
-        if method is None:
-            self._trailers_only(
-                stream,
-                _plain_status(
-                    grpc.Status.UNIMPLEMENTED,
-                    f"unknown method {stream.path.decode('latin-1')}",
-                ),
-            )
-            return
         traceparent = stream.header(_TRACEPARENT)
         with self._gate.trace(
             traceparent, traceparent and stream.header(_TRACESTATE), stream.path, "grpc"
@@ -153,6 +144,15 @@ class GrpcHandler:
                     self._scope_of,
                     stream,
                 )
+                if method is None:  # only for an admitted caller: names are not for everyone
+                    self._trailers_only(
+                        stream,
+                        _plain_status(
+                            grpc.Status.UNIMPLEMENTED,
+                            f"unknown method {stream.path.decode('latin-1')}",
+                        ),
+                    )
+                    return
                 deadline = deadline_from_grpc_timeout(stream.header(b"grpc-timeout"))
                 if deadline == math.inf:
                     # No deadline: spare the common path a cancel scope that never fires.
