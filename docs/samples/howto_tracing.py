@@ -88,7 +88,8 @@ async def with_opentelemetry(url_b: str, url_c: str) -> None:
 def show_log_fields() -> None:
     # --8<-- [start:logs]
     logging.basicConfig(
-        format="%(name)s node=%(node_id)s call=%(call_id)s trace=%(trace_id)s %(message)s"
+        format="%(name)s node=%(node_id)s caller=%(caller_node_id)s call=%(call_id)s "
+        "trace=%(trace_id)s %(message)s"
     )
     # --8<-- [end:logs]
 

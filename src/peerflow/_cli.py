@@ -35,6 +35,7 @@ from ._engine.workflow import Workflow
 from ._peer.client import PeerClient, parse_endpoint
 from ._peer.json_codec import decode_json_value, json_body
 from ._peer.limits import Limits
+from ._peer.logs import for_node
 from ._peer.server import PeerServer
 from ._transport.mapping import collapse_excgroups
 from ._transport.tls import load_client_tls, load_server_tls
@@ -280,9 +281,10 @@ def _serve_command(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
         stream=sys.stderr,
     )
-    _log.info("serving %d steps: %s", len(registry), ", ".join(sorted(registry)))
     host, port = args.bind
-    trio.run(_serve, server, host, port)
+    with for_node(args.node_id):  # the CLI's own records, and trio.run's tasks
+        _log.info("serving %d steps: %s", len(registry), ", ".join(sorted(registry)))
+        trio.run(_serve, server, host, port)
     return EXIT_OK
 
 

@@ -7,6 +7,7 @@ import logging
 import pytest
 
 from peerflow import PeerClient
+from peerflow._peer.logs import PeerLogger, for_node
 
 
 async def test_records_carry_the_node_id_and_the_caller_s_call_id(
@@ -18,7 +19,8 @@ async def test_records_carry_the_node_id_and_the_caller_s_call_id(
     assert record.node_id == "node-b"  # type: ignore[attr-defined]
     # Without a caller-chosen id, the connection and stream name the call.
     assert record.call_id.endswith("/3")  # type: ignore[attr-defined]  # after the lease call
-    assert record.getMessage().startswith(f"[node-b {record.call_id}] ")  # type: ignore[attr-defined]
+    assert record.caller_node_id == "node-a"  # type: ignore[attr-defined]
+    assert record.getMessage().startswith(f"[node-b {record.call_id} from node-a] ")  # type: ignore[attr-defined]
     assert "kaput" in record.getMessage()
 
 
@@ -30,3 +32,36 @@ async def test_a_caller_chosen_call_id_is_used(
         await client.invoke_sub_workflow("w", ["boom"], None)
     (record,) = [r for r in caplog.records if r.name == "peerflow.peer.service"]
     assert record.call_id == "trace-42"  # type: ignore[attr-defined]
+
+
+async def test_a_call_id_with_percent_signs_logs_as_it_is(
+    client: PeerClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The caller picks its call id; it must not be taken for a format.
+    client._base_headers = (*client._base_headers, (b"x-peerflow-call-id", b"%s%d%(x)s"))  # type: ignore[misc]
+    with caplog.at_level(logging.INFO, logger="peerflow.peer"):
+        await client.invoke_sub_workflow("w", ["boom"], None)
+    (record,) = [r for r in caplog.records if r.name == "peerflow.peer.service"]
+    assert record.getMessage().startswith("[node-b %s%d%(x)s from node-a] ")
+
+
+@pytest.mark.parametrize("name", ["peerflow.transport", "peerflow.cli", "peerflow.peer.grpc"])
+def test_every_peerflow_record_has_the_fields_a_format_names(name: str) -> None:
+    # A handler formatting with %(node_id)s must not fail on any of them.
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger(name)
+    if name == "peerflow.peer.grpc":
+        logger = PeerLogger("grpc", "node-z")  # type: ignore[assignment]
+    logging.getLogger("peerflow").addHandler(handler)
+    try:
+        with for_node("node-z"):
+            logger.warning("connection %s ended", "c1")
+    finally:
+        logging.getLogger("peerflow").removeHandler(handler)
+    (record,) = records
+    formatter = logging.Formatter(
+        "%(node_id)s %(call_id)s %(caller_node_id)s %(trace_id)s %(message)s"
+    )
+    assert formatter.format(record) == "node-z - - - [node-z -] connection c1 ended"

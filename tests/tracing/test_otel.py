@@ -84,6 +84,7 @@ async def test_the_server_span_is_a_child_of_the_callers_span(
     assert attributes["rpc.method"] == "InvokeSubWorkflow"
     assert attributes["peerflow.node_id"] == "node-b"
     assert attributes["peerflow.call_id"] not in ("", "-")
+    assert attributes["peerflow.caller_node_id"] == "node-a"
     # The step runs inside the server span: a call it made would name that span.
     [seen] = recorder.on("node-b")
     assert seen is not None

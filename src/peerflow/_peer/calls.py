@@ -21,7 +21,7 @@ from ..errors import PeerAuthError, PeerEncodeError
 from .auth import check_bearer, token_principal
 from .logs import current_call_id, set_call_id
 from .service import Caller
-from .trace import serve_trace
+from .trace import serve_trace, set_caller_node_id
 
 __all__ = [
     "TIMEOUT_MS_HEADER",
@@ -78,12 +78,17 @@ class CallGate:
         ref scope of the caller's connection; it is asked only once the call
         is admitted, so refused calls open no scope.
 
+        The caller's node id then names the caller in the call's log
+        records and span.
+
         Raises:
             PeerAuthError: the server has a token and the call's
                 ``authorization`` header does not carry it.
             PeerEncodeError: the call names no caller node id (an empty one
                 included); callers without one would share one identity.
         """
+        # A connection's next call must not log under its last caller's name.
+        set_caller_node_id("-")
         if self.token is not None:
             if not check_bearer(authorization, self.token):
                 raise PeerAuthError("missing or wrong bearer token")
@@ -93,7 +98,9 @@ class CallGate:
                 principal = self._token_principal
         if not node_id:
             raise PeerEncodeError("every call must name its caller's node id", grpc.NODE_ID_HEADER)
-        return Caller(node_id.decode("utf-8", "replace"), principal, scope_of(connection))
+        caller = node_id.decode("utf-8", "replace")
+        set_caller_node_id(caller)
+        return Caller(caller, principal, scope_of(connection))
 
     def trace(
         self,

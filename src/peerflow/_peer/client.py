@@ -8,7 +8,7 @@ import ssl
 import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Iterable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import Any, Final, TypeVar, final
 
 import attrs
@@ -36,7 +36,7 @@ from .._wire.framing import NEED_DATA, FrameDecoder, encode_frame
 from ..errors import PeerError, PeerTimeoutError, PeerTransportError
 from .auth import bearer_header, resolve_peer_token
 from .limits import Limits
-from .logs import PeerLogger
+from .logs import PeerLogger, for_node
 from .trace import current_trace_context, trace_headers
 
 __all__ = ["PeerClient", "StreamCall", "deadline_scope", "open_client_over", "parse_endpoint"]
@@ -575,20 +575,24 @@ async def open_client_over(
 ) -> AsyncIterator[PeerClient]:
     """Run a :class:`PeerClient` over an already-open transport (TCP, TLS, in-memory)."""
     with collapse_excgroups():
-        async with open_h2_client(transport, limits.h2_settings(server=False)) as conn:
-            client = PeerClient(
-                conn, endpoint, node_id, token=token, limits=limits, lease_ttl=lease_ttl
-            )
-            async with trio.open_nursery() as nursery:
+        async with AsyncExitStack() as stack:
+            with for_node(node_id):  # the tasks that read and renew log for this node
+                conn = await stack.enter_async_context(
+                    open_h2_client(transport, limits.h2_settings(server=False))
+                )
+                client = PeerClient(
+                    conn, endpoint, node_id, token=token, limits=limits, lease_ttl=lease_ttl
+                )
+                nursery = await stack.enter_async_context(trio.open_nursery())
                 await client._open_lease(client._root)
                 if client._leases_supported:
                     nursery.start_soon(client._renew_leases)
-                try:
-                    yield client
-                finally:
-                    nursery.cancel_scope.cancel()
-                    with trio.CancelScope(shield=True):
-                        await client._close_scope(client._root)
+            try:
+                yield client
+            finally:
+                nursery.cancel_scope.cancel()
+                with trio.CancelScope(shield=True):
+                    await client._close_scope(client._root)
 
 
 @asynccontextmanager

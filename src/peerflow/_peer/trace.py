@@ -29,10 +29,12 @@ __all__ = [
     "TRACESTATE",
     "TraceContext",
     "call_failed",
+    "current_caller_node_id",
     "current_trace_context",
     "format_traceparent",
     "parse_traceparent",
     "serve_trace",
+    "set_caller_node_id",
     "trace_headers",
     "use_trace_context",
 ]
@@ -223,6 +225,8 @@ NO_TRACE: Final = contextlib.nullcontext()
 _serving: contextvars.ContextVar[_CallTrace | None] = contextvars.ContextVar(
     "peerflow_serving_trace", default=None
 )
+# The node id of the caller being served; the log records carry it too.
+_caller: contextvars.ContextVar[str] = contextvars.ContextVar("peerflow_caller", default="-")
 
 
 @final
@@ -271,6 +275,11 @@ class _CallTrace:
             self._span.end()
         _serving.reset(self._tokens[1])
         _current.reset(self._tokens[0])
+
+    def admitted(self, caller_node_id: str) -> None:
+        """Record the caller's node id on the span (if any)."""
+        if self._span is not None:
+            self._span.set_attribute("peerflow.caller_node_id", caller_node_id)
 
     def fail(self, error: BaseException | str, error_type: str | None = None) -> None:
         """Mark the span (if any) as failed."""
@@ -325,7 +334,28 @@ def serve_trace(
         "peerflow.node_id": node_id,
         "peerflow.call_id": call_id(),
     }
+    caller = _caller.get()
+    if caller != "-":
+        attributes["peerflow.caller_node_id"] = caller
     return _CallTrace(context, otel, tracer, f"{_SERVICE}/{method}", attributes)
+
+
+def current_caller_node_id() -> str:
+    """The node id of the caller the current task serves, or ``"-"``."""
+    return _caller.get()
+
+
+def set_caller_node_id(node_id: str) -> None:
+    """Mark the current task (and the tasks it starts) as serving caller ``node_id``.
+
+    The call's span, if it has one, and the spans of calls served later
+    from these tasks (the WebSocket variant admits its caller once per
+    connection) record it as ``peerflow.caller_node_id``.
+    """
+    _caller.set(node_id)
+    serving = _serving.get()
+    if serving is not None:
+        serving.admitted(node_id)
 
 
 def call_failed(error: BaseException | str, error_type: str | None = None) -> None:
