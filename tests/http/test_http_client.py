@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import socket
 
@@ -375,3 +376,135 @@ async def test_a_base_url_path_is_a_route_prefix(address: PeerAddress) -> None:
             # The peer itself serves no prefix: the route is not found.
             with pytest.raises(peerflow.PeerTransportError, match="NOT_FOUND"):
                 await client.invoke_sub_workflow("w", ["echo"], 1)
+
+
+class CuttingProxy:
+    """A TCP proxy in front of the peer that can cut every connection it carries.
+
+    It stands for whatever drops a connection on the way (a proxy, a NAT, the
+    peer's host): the client sees its connection end, the peer sees its own.
+    """
+
+    def __init__(self, upstream: PeerAddress) -> None:
+        self.upstream = upstream
+        self._links: list[_Link] = []
+
+    async def serve(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        host, port = listeners[0].socket.getsockname()[:2]
+        task_status.started(f"http://{host}:{port}")
+        await trio.serve_listeners(self._carry, listeners)
+
+    async def _carry(self, downstream: trio.SocketStream) -> None:
+        link = _Link()
+        self._links.append(link)
+        try:
+            upstream = await trio.open_tcp_stream(self.upstream.host, self.upstream.port)
+            async with downstream, upstream:
+                with link.scope:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(_pump, downstream, upstream)
+                        nursery.start_soon(_pump, upstream, downstream)
+                if link.goodbye:
+                    await downstream.send_all(link.goodbye)
+        finally:
+            link.done.set()
+
+    async def cut(self, goodbye: bytes = b"") -> None:
+        """Close every connection so far, on both sides, after sending ``goodbye`` to the client."""
+        links, self._links = self._links, []
+        for link in links:
+            link.goodbye = goodbye
+            link.scope.cancel()
+        for link in links:
+            await link.done.wait()
+
+
+class _Link:
+    def __init__(self) -> None:
+        self.scope = trio.CancelScope()
+        self.goodbye = b""
+        self.done = trio.Event()
+
+
+async def _pump(source: trio.SocketStream, sink: trio.SocketStream) -> None:
+    with contextlib.suppress(trio.BrokenResourceError):
+        while data := await source.receive_some():
+            await sink.send_all(data)
+
+
+def count_runs(server: PeerServer) -> tuple[list[object], trio.Event]:
+    """Register step ``charge``, a side effect that must happen once per call.
+
+    Its first run waits until cancelled; any later one returns at once.
+    """
+    runs: list[object] = []
+    started = trio.Event()
+
+    @Workflow("charges", registry=server.service.steps).step("charge", accepts=[StartEvent])
+    async def charge(event: StartEvent, ctx: Context) -> StopEvent:
+        runs.append(event.data)
+        started.set()
+        if len(runs) == 1:
+            await trio.sleep_forever()
+        return StopEvent(result="charged again")
+
+    return runs, started
+
+
+async def test_a_connection_lost_after_the_request_went_out_is_not_sent_again(
+    address: PeerAddress, server: PeerServer, nursery: trio.Nursery
+) -> None:
+    runs, started = count_runs(server)
+    proxy = CuttingProxy(address)
+    with trio.fail_after(TIMEOUT):
+        url = await nursery.start(proxy.serve)
+        async with HttpPeerClient(url, "node-a", token=None) as client:
+            assert await client.release_session_ref("x") is False
+            (kept,) = client._idle  # the call goes out on this kept-alive connection
+
+            async def cut_once_running() -> None:
+                await started.wait()
+                await proxy.cut()
+
+            async with trio.open_nursery() as cutter:
+                cutter.start_soon(cut_once_running)
+                # The peer got the request and started the run: sending it
+                # again would charge twice.
+                with pytest.raises(peerflow.PeerTransportError) as info:
+                    await client.invoke_sub_workflow("w", ["charge"], "card-1")
+            assert not isinstance(info.value, peerflow.PeerUnavailableError)
+            assert str(info.value) == (
+                f"{url.removeprefix('http://')} closed the connection before answering; "
+                "the request may have reached it, so it is not sent again"
+            )
+            assert runs == ["card-1"]
+            assert kept.stream.socket.fileno() == -1  # the call's connection, closed
+            assert client._idle == []
+            # The client goes on with a new connection.
+            assert (await client.invoke_sub_workflow("w", ["echo"], 1)).result == 1
+    assert runs == ["card-1"]
+
+
+@pytest.mark.parametrize(
+    "goodbye",
+    [b"", b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"],
+    ids=["eof", "408-then-eof"],
+)
+async def test_an_idle_connection_the_peer_closed_is_replaced_before_sending(
+    address: PeerAddress, nursery: trio.Nursery, goodbye: bytes
+) -> None:
+    proxy = CuttingProxy(address)
+    with trio.fail_after(TIMEOUT):
+        url = await nursery.start(proxy.serve)
+        async with HttpPeerClient(url, "node-a", token=None) as client:
+            assert (await client.invoke_sub_workflow("w", ["echo"], 1)).result == 1
+            (stale,) = client._idle
+            assert isinstance(stale.stream, trio.SocketStream)
+            await proxy.cut(goodbye)
+            await trio.lowlevel.wait_readable(stale.stream.socket)  # the goodbye has arrived
+            assert stale.closed_while_idle()
+            response = await client.invoke_sub_workflow("w", ["echo"], 2)
+            assert response.result == 2
+            assert client._idle[0] is not stale
+            assert stale.stream.socket.fileno() == -1  # closed, not left open

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+import re
 import socket
+from collections.abc import Awaitable, Callable
 
 import pytest
 import trio
@@ -335,3 +339,142 @@ async def test_a_peer_that_stops_answering_pings_fails_the_calls(
                 await client.release_session_ref("x")
             assert trio.current_time() - start == pytest.approx(7)
         nursery.cancel_scope.cancel()
+
+
+# Peers that get the handshake wrong, for a real client over a real socket.
+
+
+async def read_request(stream: trio.SocketStream) -> None:
+    request = b""
+    while b"\r\n\r\n" not in request:
+        data = await stream.receive_some()
+        assert data, "the client closed before its upgrade request ended"
+        request += data
+
+
+async def wait_for_the_client_to_leave(stream: trio.SocketStream) -> None:
+    with contextlib.suppress(trio.BrokenResourceError):
+        while await stream.receive_some():
+            pass
+
+
+async def answers_junk(stream: trio.SocketStream) -> None:
+    await stream.send_all(b"\x00\x01garbage" * 100)
+    await wait_for_the_client_to_leave(stream)
+
+
+async def accepts_with_a_wrong_key(stream: trio.SocketStream) -> None:
+    await read_request(stream)
+    await stream.send_all(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: bm90IHRoZSBrZXk=\r\nSec-WebSocket-Protocol: peerflow.v1\r\n\r\n"
+    )
+    await wait_for_the_client_to_leave(stream)
+
+
+async def closes_at_once(stream: trio.SocketStream) -> None:
+    await stream.aclose()
+
+
+async def closes_mid_answer(stream: trio.SocketStream) -> None:
+    await read_request(stream)
+    await stream.send_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n")
+    await stream.aclose()
+
+
+@pytest.mark.parametrize(
+    ("peer", "error", "message"),
+    [
+        (
+            answers_junk,
+            peerflow.PeerTransportError,
+            "{where} sent a malformed answer to the WebSocket handshake: Bad HTTP message: .+",
+        ),
+        (
+            accepts_with_a_wrong_key,
+            peerflow.PeerTransportError,
+            "{where} sent a malformed answer to the WebSocket handshake: Bad accept token",
+        ),
+        (
+            closes_at_once,
+            peerflow.PeerUnavailableError,
+            # The request may meet the closed socket: then the close is a reset.
+            r"{where} closed the connection before answering the WebSocket handshake(: .+)?",
+        ),
+        (
+            closes_mid_answer,
+            peerflow.PeerUnavailableError,
+            "{where} closed the connection in the middle of its answer to the WebSocket handshake",
+        ),
+    ],
+    ids=["junk", "wrong-key", "close-at-once", "close-mid-answer"],
+)
+async def test_a_failed_handshake_raises_one_typed_error_at_once(
+    nursery: trio.Nursery,
+    peer: Callable[[trio.SocketStream], Awaitable[None]],
+    error: type[peerflow.PeerError],
+    message: str,
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        listeners = await nursery.start(
+            functools.partial(trio.serve_tcp, peer, 0, host="127.0.0.1")
+        )
+        where = f"127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+        start = trio.current_time()
+        with pytest.raises(peerflow.PeerError) as info:
+            async with WebSocketPeerClient.connect(f"http://{where}", "node-a", token=None):
+                pass
+    assert type(info.value) is error
+    assert re.fullmatch(message.format(where=re.escape(where)), str(info.value))
+    # Not a timeout: nothing waited for the handshake timeout (10 s).
+    assert trio.current_time() - start < TIMEOUT / 2
+
+
+async def test_a_peer_that_never_answers_the_handshake_times_out(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    limits = Limits(handshake_timeout=3)
+
+    async def mute_peer() -> None:
+        while await server_stream.receive_some():  # reads the request, says nothing
+            pass
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(mute_peer)
+        start = trio.current_time()
+        with pytest.raises(peerflow.PeerTimeoutError) as info:
+            async with open_websocket_client_over(
+                client_stream,
+                Endpoint("http", "memory", 0),
+                "",
+                "node-a",
+                token=None,
+                limits=limits,
+                lease_ttl=30,
+            ):
+                pass
+        assert trio.current_time() - start == pytest.approx(3)
+        assert str(info.value) == "the WebSocket handshake with memory:0 did not complete within 3s"
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_peer_that_closes_before_the_request_is_sent_is_unavailable(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    await server_stream.aclose()
+    with trio.fail_after(TIMEOUT), pytest.raises(peerflow.PeerUnavailableError) as info:
+        async with open_websocket_client_over(
+            client_stream,
+            Endpoint("http", "memory", 0),
+            "",
+            "node-a",
+            token=None,
+            limits=Limits(),
+            lease_ttl=30,
+        ):
+            pass
+    assert str(info.value).startswith(
+        "memory:0 closed the connection before answering the WebSocket handshake"
+    )

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import select
 import ssl
+import sys
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from types import TracebackType
@@ -67,9 +69,6 @@ class _Connection:
         self.stream = stream
         self.h11 = h11.Connection(h11.CLIENT)
         self.where = where
-        self.reused = False
-        # Whether the peer sent anything since the current request went out.
-        self.received_any = False
 
     async def send(self, *events: h11.Event) -> None:
         data = b"".join(self.h11.send(event) or b"" for event in events)
@@ -78,23 +77,61 @@ class _Connection:
 
     async def next_event(self) -> h11.Event:
         while True:
+            answered = self.h11.their_state is not h11.SEND_RESPONSE
             try:
                 event = self.h11.next_event()
             except h11.RemoteProtocolError as exc:
+                if self.h11.trailing_data[1]:  # h11's complaint is the peer's EOF
+                    raise self.closed_error(answered) from None
                 raise PeerTransportError(f"{self.where} sent malformed HTTP: {exc}") from None
             if event is not h11.NEED_DATA:
                 return event  # type: ignore[return-value]  # PAUSED never comes here
             with map_exceptions(f"connection to {self.where} failed"):
                 data = await self.stream.receive_some(_RECEIVE_SIZE)
-            self.received_any = self.received_any or bool(data)
             self.h11.receive_data(bytes(data))
+
+    def closed_error(self, answered: bool) -> PeerTransportError:
+        """The error for the peer's EOF: ``answered`` once the answer's head has arrived."""
+        if answered:
+            return PeerTransportError(f"{self.where} closed the connection mid-answer")
+        return PeerTransportError(
+            f"{self.where} closed the connection before answering; the request may "
+            "have reached it, so it is not sent again"
+        )
 
     def reusable(self) -> bool:
         return self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE
 
+    def closed_while_idle(self) -> bool:
+        """Whether this kept-alive connection already shows it cannot carry another request.
 
-class _StaleConnectionError(PeerTransportError):
-    """A reused connection died before any answer: the request never reached the peer."""
+        Between exchanges the peer has nothing to say, so anything to read
+        (its EOF, a reset, or bytes such as a ``408`` sent before closing)
+        means it closed the connection or is closing it. This looks without
+        waiting and without reading.
+        """
+        leftover, closed = self.h11.trailing_data
+        if leftover or closed:
+            return True
+        sock = _socket_of(self.stream)
+        return sock is not None and _readable_now(sock.fileno())
+
+
+def _socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
+    if isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    return stream.socket if isinstance(stream, trio.SocketStream) else None
+
+
+def _readable_now(fd: int) -> bool:
+    """Whether ``fd`` has data, an EOF or an error to report, asked without blocking."""
+    if sys.platform == "win32":  # no poll(); its select() takes any socket handle
+        readable, _, failed = select.select([fd], [], [fd], 0)
+        return bool(readable or failed)
+    # poll(), not select(): select() cannot watch descriptors past FD_SETSIZE.
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 @final
@@ -172,6 +209,12 @@ class HttpPeerClient(MessageClient[_Response]):
     when done): closing it releases the ``UNTIL_PARENT_FINISH`` refs its
     calls received. Inside ``async with`` its leases are renewed in the
     background; a client used without it renews them when it makes calls.
+
+    A request is sent once and never again. A kept-alive connection the peer
+    has closed while idle is replaced before the request goes out; once the
+    request may have reached the peer, a failing connection raises
+    :class:`~peerflow.PeerTransportError`, even when the peer closed it just
+    as the request left, since the run may have started there.
 
     Args:
         base_url: ``http://host:port`` or ``https://host:port``, optionally
@@ -328,12 +371,24 @@ class HttpPeerClient(MessageClient[_Response]):
             finally:
                 if reusable and not self._closed:
                     conn.h11.start_next_cycle()
-                    conn.reused = True
                     self._idle.append(conn)
                 else:
                     await trio.aclose_forcefully(conn.stream)
 
     async def _send(self, target: bytes, body: bytes) -> tuple[_Connection, _Response]:
+        """Send one request and read the status of its answer.
+
+        The request goes out once, and is never resent: as soon as any of its
+        bytes may have reached the peer, the peer may have started the run,
+        and sending it again could run the workflow twice. So a connection
+        that fails from then on raises :class:`~peerflow.PeerTransportError`
+        (not :class:`~peerflow.PeerUnavailableError`: the call may have
+        started). That includes a kept-alive connection the peer closes just
+        as the request leaves (its idle timeout racing the call): nobody can
+        tell whether the request arrived. A kept-alive connection that already
+        shows it was closed is replaced before anything is sent
+        (:meth:`_checkout`).
+        """
         headers = [*self._headers, (b"content-length", str(len(body)).encode())]
         deadline = trio.current_effective_deadline()
         if deadline != math.inf:
@@ -343,20 +398,25 @@ class HttpPeerClient(MessageClient[_Response]):
         if trace is not None:
             headers.extend(trace_headers(trace))
         request = h11.Request(method="POST", target=target, headers=headers)
-        while True:
-            conn = self._idle.pop() if self._idle else await self._connect()
-            conn.received_any = False
-            try:
-                await conn.send(request, h11.Data(data=body), h11.EndOfMessage())
-                status = await _response_status(conn)
-            except BaseException as exc:
-                await trio.aclose_forcefully(conn.stream)
-                # A kept-alive connection the peer closed meanwhile (its idle
-                # timeout): the request never arrived, so it is safe to resend.
-                if isinstance(exc, PeerTransportError) and conn.reused and not conn.received_any:
-                    continue
-                raise
-            return conn, _Response(conn, status, self._limits.max_message_size)
+        conn = await self._checkout()
+        try:
+            await conn.send(request, h11.Data(data=body), h11.EndOfMessage())
+            status = await _response_status(conn)
+        except BaseException:
+            await trio.aclose_forcefully(conn.stream)
+            raise
+        return conn, _Response(conn, status, self._limits.max_message_size)
+
+    async def _checkout(self) -> _Connection:
+        """A kept-alive connection that still looks open, or else a new one."""
+        while self._idle:
+            conn = self._idle.pop()
+            if not conn.closed_while_idle():
+                return conn
+            # The peer closed it while idle (its idle timeout, a restart):
+            # nothing was sent on it, so a new connection costs no safety.
+            await trio.aclose_forcefully(conn.stream)
+        return await self._connect()
 
     async def _connect(self) -> _Connection:
         host, port = self.endpoint.host, self.endpoint.port
@@ -376,7 +436,7 @@ async def _response_status(conn: _Connection) -> int:
         if isinstance(event, h11.Response):
             return event.status_code
         if isinstance(event, h11.ConnectionClosed):
-            raise PeerTransportError(f"{conn.where} closed the connection before answering")
+            raise conn.closed_error(answered=False)
         # 1xx informational answers come before the real one.
 
 

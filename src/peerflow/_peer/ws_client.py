@@ -17,11 +17,13 @@ from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Final, TypeVar, final
 
+import h11
 import trio
 import trio_websocket
+import wsproto.utilities  # comes with trio-websocket, whose handshake errors are wsproto's
 
 from .._transport.listener import connect_tcp
-from .._transport.mapping import collapse_excgroups
+from .._transport.mapping import collapse_excgroups, to_peer_error
 from .._wire import grpc
 from .._wire.codec import decode_message, decode_stream_message, encode_message
 from .._wire.envelopes import (
@@ -30,7 +32,7 @@ from .._wire.envelopes import (
     StreamEvent,
     SubWorkflowResponse,
 )
-from ..errors import PeerError, PeerTimeoutError, PeerTransportError
+from ..errors import PeerError, PeerTimeoutError, PeerTransportError, PeerUnavailableError
 from .auth import bearer_header, resolve_peer_token
 from .client import Endpoint, deadline_scope
 from .http_json import WEBSOCKET_PATH
@@ -69,6 +71,7 @@ _FROM_ENV: Final = object()
 _CALL_BUFFER: Final = 16
 _FRAME_OVERHEAD: Final = 256
 _INVALID_PAYLOAD: Final = 1007
+_MAX_REASON: Final = 200
 
 
 @final
@@ -164,8 +167,14 @@ class WebSocketPeerClient(MessageClient[_CallReader]):
         Raises:
             PeerTransportError: at once for a bad URL; on entering the block
                 when the connection is refused (the message names the
-                address), the TLS handshake fails or the peer refuses the
-                WebSocket (``PeerAuthError`` for a missing or wrong token).
+                address), the TLS handshake fails, the peer refuses the
+                WebSocket (``PeerAuthError`` for a missing or wrong token) or
+                its answer to the handshake is malformed (the message says
+                how).
+            PeerUnavailableError: on entering the block, when the peer closes
+                the connection (or it is lost) before the WebSocket is open.
+            PeerTimeoutError: on entering the block, when the peer does not
+                answer the handshake within ``limits.handshake_timeout``.
         """
         endpoint, prefix = parse_base_url(url, websocket=True)
         if endpoint.scheme == "https" and tls is None:
@@ -331,6 +340,83 @@ class _Chunks:
         return decode_message(DerefChunk, body).payload
 
 
+@final
+class _HandshakeWatch(trio.abc.Stream):
+    """The transport as trio-websocket sees it, watched until the WebSocket is open.
+
+    When the connection ends before the handshake's answer, trio-websocket's
+    reader task just stops, and its client waits for the answer until
+    cancelled. This stream notices the end as it happens: it keeps the error
+    that says what happened in ``failure`` and cancels ``scope``, the
+    handshake's wait. Once ``open`` is set it only passes bytes through.
+    """
+
+    def __init__(self, transport: trio.abc.Stream, where: str) -> None:
+        self.transport = transport
+        self.where = where
+        self.scope = trio.CancelScope()
+        self.failure: PeerUnavailableError | None = None
+        self.open = False
+        self._received = 0
+
+    def _ended(self, exc: BaseException | None = None) -> None:
+        if self.open or self.failure is not None:
+            return
+        if self._received:
+            what = "in the middle of its answer to the WebSocket handshake"
+        else:
+            what = "before answering the WebSocket handshake"
+        context = f"{self.where} closed the connection {what}"
+        mapped = None if exc is None else to_peer_error(exc, context)
+        # No call was made yet: trying again, here or elsewhere, is safe.
+        self.failure = PeerUnavailableError(str(mapped or context))
+        self.failure.__cause__ = exc
+        self.scope.cancel()
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        try:
+            await self.transport.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._ended(exc)
+            raise
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.transport.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        try:
+            data = await self.transport.receive_some(max_bytes)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._ended(exc)
+            raise
+        if not data:
+            self._ended()
+        self._received += len(data)
+        return data
+
+    async def aclose(self) -> None:
+        await self.transport.aclose()
+
+
+def _malformed_answer(exc: h11.ProtocolError, where: str) -> PeerTransportError:
+    """The error for a handshake answer that is not HTTP, or not a WebSocket acceptance."""
+    # trio-websocket trips over such an answer while trying to reject it: the
+    # error raised is h11's about its own reply. What the peer got wrong is in
+    # the errors it was handling: wsproto's, and h11's parse error below it.
+    reasons = []
+    seen = exc.__context__
+    while seen is not None:
+        if isinstance(seen, (wsproto.utilities.RemoteProtocolError, h11.RemoteProtocolError)):
+            reasons.append(str(seen))
+        seen = seen.__context__
+    reason = ": ".join(reasons) or str(exc)
+    if len(reason) > _MAX_REASON:
+        reason = reason[:_MAX_REASON] + "..."
+    return PeerTransportError(
+        f"{where} sent a malformed answer to the WebSocket handshake: {reason}"
+    )
+
+
 def _rejection(exc: trio_websocket.ConnectionRejected) -> PeerError:
     """The error for a refused handshake: the JSON error body decides, else the status."""
     details = None
@@ -359,24 +445,30 @@ async def open_websocket_client_over(
 ) -> AsyncIterator[WebSocketPeerClient]:
     """Run a :class:`WebSocketPeerClient` over an already-open transport (TCP, TLS, in-memory).
 
+    Every failure to open the WebSocket is one typed error, raised on
+    entering the block.
+
     Raises:
-        PeerTransportError: the peer refused the WebSocket, or closed it
-            during the handshake.
-        PeerTimeoutError: the handshake did not complete within
+        PeerTransportError: the peer refused the WebSocket, or its answer to
+            the handshake is malformed (the message says how).
+        PeerUnavailableError: the peer closed the connection (or it was lost)
+            before the WebSocket was open; no call was made.
+        PeerTimeoutError: the peer did not answer the handshake within
             ``limits.handshake_timeout``.
         PeerAuthError: the peer refused the token.
     """
     headers = [(grpc.NODE_ID_HEADER.encode(), node_id.encode())]
     if token is not None:
         headers.append(bearer_header(token))
+    watch = _HandshakeWatch(transport, endpoint.authority)
     try:
         with collapse_excgroups():
             async with trio.open_nursery() as nursery:  # trio-websocket's reader task
                 ws = None
-                with trio.move_on_after(limits.handshake_timeout):
+                with trio.move_on_after(limits.handshake_timeout), watch.scope:
                     ws = await trio_websocket.wrap_client_stream(
                         nursery,
-                        transport,  # type: ignore[arg-type]  # any trio stream works
+                        watch,  # type: ignore[arg-type]  # any trio stream works
                         endpoint.authority,
                         prefix + WEBSOCKET_PATH.decode(),
                         subprotocols=[SUBPROTOCOL],
@@ -384,10 +476,11 @@ async def open_websocket_client_over(
                         max_message_size=limits.max_message_size + _FRAME_OVERHEAD,
                     )
                 if ws is None:
-                    raise PeerTimeoutError(
+                    raise watch.failure or PeerTimeoutError(
                         f"the WebSocket handshake with {endpoint.authority} did not complete "
                         f"within {limits.handshake_timeout:g}s"
                     )
+                watch.open = True
                 if ws.subprotocol != SUBPROTOCOL:
                     raise PeerTransportError(
                         f"the peer chose WebSocket subprotocol {ws.subprotocol!r}, "
@@ -409,6 +502,10 @@ async def open_websocket_client_over(
                     nursery.cancel_scope.cancel()
     except trio_websocket.ConnectionRejected as exc:
         raise _rejection(exc) from None
+    except h11.ProtocolError as exc:
+        if watch.open:
+            raise  # not the handshake's: the caller's own
+        raise _malformed_answer(exc, endpoint.authority) from None
 
 
 @asynccontextmanager
