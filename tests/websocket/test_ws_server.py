@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import msgpack
@@ -11,12 +13,27 @@ import trio.testing
 import trio_websocket
 import wsproto
 import wsproto.events
-from ws_helpers import memory_transport, open_raw_websocket
+from ws_helpers import memory_transport
+from ws_helpers import open_raw_websocket as open_abandoned_websocket
 
 from peer_steps import Probe, build_steps
 from peerflow import Limits, PeerServer
 from peerflow._wire.codec import decode_message, encode_message
 from peerflow._wire.envelopes import ErrorDetails, InvokeSubWorkflowRequest
+
+
+@asynccontextmanager
+async def open_raw_websocket(
+    server: PeerServer, **options: Any
+) -> AsyncIterator[trio_websocket.WebSocketConnection]:
+    """A bare client that closes its WebSocket when done, as a real client does.
+
+    One that just stops reading would leave the server waiting, when it
+    drains, for the reply to its close frame.
+    """
+    async with open_abandoned_websocket(server, **options) as ws:
+        yield ws
+        await ws.aclose()
 
 
 def call(frame_id: Any, method: str, body: bytes, **extra: Any) -> bytes:

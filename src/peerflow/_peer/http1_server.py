@@ -11,19 +11,28 @@ Timeouts (from :class:`~peerflow.Limits`): an idle connection is closed after
 body must each arrive within ``request_timeout``; a client that stops reading
 its answer for ``request_timeout`` loses the connection. A client that closes
 its connection while its call runs cancels the call.
+
+HTTP/1.1 has no GOAWAY, so a connection drains (:func:`serve_draining`) like
+this: an idle connection closes at once; a request that arrives after the
+drain began is answered 503 (``unavailable``) and the connection closes; a
+call in flight runs on for ``drain_grace`` and its answer carries
+``Connection: close``; one still running then is cancelled and answered 499
+(``cancelled``), or ends its stream with that error line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http
 import math
 from collections.abc import Awaitable, Callable, Hashable
+from functools import partial
 from typing import Final, final
 
 import h11
 import trio
 
-from .._transport.listener import PrefixedStream
+from .._transport.listener import Drain, PrefixedStream, serve_draining
 from .._transport.mapping import map_exceptions
 from .._wire import grpc
 from ..errors import PeerError, PeerTimeoutError, PeerTransportError
@@ -41,12 +50,14 @@ from .json_codec import JSON_CONTENT_TYPE
 from .limits import Limits
 from .logs import PeerLogger
 
-__all__ = ["Http1Server", "WebSocketHandler"]
+__all__ = ["SHUTTING_DOWN", "Http1Server", "WebSocketHandler", "cut_off_message"]
 
 #: Serves one upgraded connection; it gets the stream with the upgrade
-#: request's bytes replayed, the connection (its ref scope's holder) and what
-#: the transport proved about the client.
-WebSocketHandler = Callable[[trio.abc.Stream, ClosingConnection, str | None], Awaitable[None]]
+#: request's bytes replayed, the connection (its ref scope's holder), what
+#: the transport proved about the client and the connection's drain.
+WebSocketHandler = Callable[
+    [trio.abc.Stream, ClosingConnection, str | None, Drain], Awaitable[None]
+]
 
 _RECEIVE_SIZE: Final = 65536
 _CALL_ID: Final = grpc.CALL_ID_HEADER.encode()
@@ -58,7 +69,15 @@ _LINGER_SECONDS: Final = 1.0
 _LINGER_PAUSE: Final = 0.1
 _LINGER_BYTES: Final = 4 * 1024 * 1024
 # The error code of the body that goes with each refusal of a connection.
-_REFUSAL_CODES: Final = {404: "not_found", 408: "timeout", 431: "limit", 501: "unimplemented"}
+_REFUSAL_CODES: Final = {
+    404: "not_found",
+    408: "timeout",
+    431: "limit",
+    501: "unimplemented",
+    503: "unavailable",
+}
+#: Why a draining peer refuses a new call (HTTP 503, WebSocket status 14).
+SHUTTING_DOWN: Final = "the peer is shutting down and takes no new calls"
 
 
 @final
@@ -94,18 +113,34 @@ class Http1Server:
         self.log = PeerLogger("http", node_id)
 
     async def __call__(self, stream: trio.abc.Stream) -> None:
-        """Serve one connection until it closes (the listener then closes the stream)."""
-        await _Connection(self, stream).serve()
+        """Serve one connection until it closes (the listener then closes the stream).
+
+        Cancelling this drains the connection for ``limits.drain_grace``
+        seconds (see the module's docstring), then returns.
+        """
+        await serve_draining(partial(self._serve, stream), self.limits.drain_grace)
+
+    async def _serve(self, stream: trio.abc.Stream, drain: Drain) -> None:
+        await _Connection(self, stream, drain).serve()
+
+
+def cut_off_message(drain: Drain) -> str:
+    """Why a call the drain cut off was cancelled (status CANCELLED, HTTP 499)."""
+    return (
+        "the peer shut down: the call was cancelled when its drain grace period "
+        f"of {drain.grace_period:g}s ran out"
+    )
 
 
 @final
 class _Connection:
     """One HTTP/1.1 connection: a loop of request/response cycles."""
 
-    def __init__(self, server: Http1Server, stream: trio.abc.Stream) -> None:
+    def __init__(self, server: Http1Server, stream: trio.abc.Stream, drain: Drain) -> None:
         self.server = server
         self.limits = server.limits
         self.stream = stream
+        self.drain = drain
         self.h11 = h11.Connection(
             h11.SERVER, max_incomplete_event_size=server.limits.max_header_list_size
         )
@@ -126,6 +161,10 @@ class _Connection:
             while True:
                 request = await self._next_request()
                 if request is None:
+                    return
+                if self.drain.started:
+                    # Only a request that had begun to arrive gets this far.
+                    await self._refuse(503, SHUTTING_DOWN)
                     return
                 if _is_websocket_upgrade(request):
                     await self._upgrade(request)
@@ -161,8 +200,10 @@ class _Connection:
         self._head_bytes = bytearray(pending)
         idle = self.limits.idle_timeout
         # A request that has begun must finish its head in time; before its
-        # first byte the connection is merely idle.
-        head_deadline = trio.current_time() + self.limits.request_timeout if pending else math.inf
+        # first byte the connection is merely idle. The listener's peek at a
+        # new connection is a first byte too, even though h11 has not seen it.
+        begun = pending or (isinstance(self.stream, PrefixedStream) and self.stream.replaying)
+        head_deadline = trio.current_time() + self.limits.request_timeout if begun else math.inf
         idle_deadline = trio.current_time() + idle if idle is not None else math.inf
         while True:
             try:
@@ -183,7 +224,9 @@ class _Connection:
             if event is not h11.NEED_DATA:  # ConnectionClosed
                 return None
             with trio.move_on_at(min(head_deadline, idle_deadline)):
-                data = await self.receive()
+                data = await self._receive_unless_drained(idle=head_deadline == math.inf)
+                if data is None:
+                    return None
                 self.h11.receive_data(data)
                 if data and head_deadline == math.inf:
                     head_deadline = trio.current_time() + self.limits.request_timeout
@@ -193,6 +236,16 @@ class _Connection:
             if head_deadline != math.inf:
                 await self._refuse(408, "the request head did not arrive in time")
             return None
+
+    async def _receive_unless_drained(self, *, idle: bool) -> bytes | None:
+        # Before a request's first byte the connection is idle: a drain
+        # closes it at once (None) rather than wait for a request to refuse.
+        if not idle:
+            return await self.receive()
+        data = None
+        with self.drain.while_idle():
+            data = await self.receive()
+        return data
 
     async def watch_for_disconnect(self, call: trio.CancelScope) -> None:
         """Cancel ``call`` if the client closes the connection while it runs.
@@ -255,15 +308,19 @@ class _Connection:
             data = b"".join(self.h11.send(event) or b"" for event in events)
         except h11.LocalProtocolError as exc:
             raise PeerTransportError(f"cannot send the answer: {exc}") from None
-        with trio.move_on_after(self.limits.request_timeout):
-            try:
+        sent = False
+        try:
+            with trio.move_on_after(self.limits.request_timeout):
                 with map_exceptions("the client's connection failed"):
                     await self.stream.send_all(data)
-            except PeerTransportError:
+                sent = True
+        finally:
+            # Cut off mid-write (failed, timed out or cancelled), the stream
+            # may hold half an answer: h11 must not send on it again.
+            if not sent:
                 self.h11.send_failed()
-                raise
+        if sent:
             return
-        self.h11.send_failed()
         raise PeerTimeoutError(
             f"the client took none of its answer for {self.limits.request_timeout:g}s"
         )
@@ -295,10 +352,13 @@ class _Connection:
         self._calls += 1
         exchange = _Exchange(self, request)
         name_call(exchange.header(_CALL_ID), self, self._calls)
-        async with trio.open_nursery() as nursery:
-            exchange.nursery = nursery
-            await self.server.json_handler.serve(exchange)
-            nursery.cancel_scope.cancel()
+        with self.drain.in_flight() as grace:
+            async with trio.open_nursery() as nursery:
+                exchange.nursery = nursery
+                await self.server.json_handler.serve(exchange)
+                nursery.cancel_scope.cancel()
+        if grace.cancelled_caught:
+            await self._answer_cut_off(exchange)
         if self._eof or exchange.broken:
             return False
         h = self.h11
@@ -311,6 +371,17 @@ class _Connection:
             # keep the connection.
             return await self.discard_body()
         return h.their_state is h11.DONE
+
+    async def _answer_cut_off(self, exchange: _Exchange) -> None:
+        # The drain cancelled the call: say so as its answer if none went
+        # out, else as the last line of its stream (as a failure would).
+        body = error_body("cancelled", cut_off_message(self.drain))
+        with contextlib.suppress(PeerError):  # the exchange is marked broken
+            if self.h11.our_state is h11.SEND_RESPONSE:
+                await exchange.respond(grpc.http_status_for(grpc.Status.CANCELLED), _JSON, body)
+            elif self.h11.our_state is h11.SEND_BODY:
+                await exchange.send(body + b"\n")
+                await exchange.end_stream()
 
     async def _upgrade(self, request: h11.Request) -> None:
         handler = self.server.websocket
@@ -327,7 +398,8 @@ class _Connection:
         name_call(None, self, self._calls)
         # The WebSocket library reads the handshake itself: give it the bytes
         # h11 consumed, then the connection.
-        await handler(PrefixedStream(self.stream, bytes(self._head_bytes)), self, self.principal)
+        stream = PrefixedStream(self.stream, bytes(self._head_bytes))
+        await handler(stream, self, self.principal, self.drain)
 
 
 def _head_size(request: h11.Request) -> int:
@@ -449,9 +521,10 @@ class _Exchange:
             raise
 
     def _head(self, status: int, headers: Headers) -> h11.Response:
-        if self._must_close or self._conn.h11.they_are_waiting_for_100_continue:
-            # The body was refused unread (or never sent): the connection
-            # cannot carry another request.
+        conn = self._conn
+        if self._must_close or conn.h11.they_are_waiting_for_100_continue or conn.drain.started:
+            # The body was refused unread (or never sent), or the server is
+            # draining: the connection will not carry another request.
             headers = [*headers, (b"connection", b"close")]
         self._response_started = True
         return h11.Response(status_code=status, headers=list(headers), reason=_reason(status))

@@ -123,8 +123,11 @@ class PeerServer:
 
         Start it with ``address = await nursery.start(server.serve, host, port)``;
         port 0 picks an ephemeral port, and ``address`` tells which. On
-        cancellation the server drains: GOAWAY, in-flight calls get
-        ``limits.drain_grace`` seconds, then their nurseries are cancelled.
+        cancellation the server stops accepting and drains every connection,
+        whatever its variant: new calls are refused (GOAWAY on HTTP/2, 503 on
+        HTTP/1.1, an UNAVAILABLE error frame on a WebSocket), in-flight calls
+        get ``limits.drain_grace`` seconds, then their nurseries are
+        cancelled. It returns once every connection has closed.
 
         Raises:
             RuntimeError: the server is already running.
@@ -185,6 +188,7 @@ class PeerServer:
 
         This is how a peer runs on a transport of your own (a Unix socket, an
         in-memory pair in tests). TLS, when configured, is negotiated on it.
+        Cancelling it drains the connection as cancelling :meth:`serve` does.
 
         Raises:
             RuntimeError: the server is not running (see :meth:`running`).

@@ -8,6 +8,12 @@ handshake is where the caller is admitted (token, node id, subprotocol
 cancel scope, which a cancel frame, the call's deadline or the connection's
 end cancels. Whatever goes wrong with one call becomes that call's error
 frame; a frame that cannot even name its call closes the connection.
+
+When the server drains (see :class:`~peerflow._transport.listener.Drain`),
+a new call gets an UNAVAILABLE error frame, the calls in flight run on for
+the grace period (one still running then is cancelled and gets a CANCELLED
+error frame), and the connection closes with 1001 (going away) once none
+is left; an upgrade that arrives during the drain is refused with 503.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import trio
 import trio_websocket
 
 from .._engine.events import Event, event_to_wire
+from .._transport.listener import Drain
 from .._wire import grpc
 from .._wire.codec import (
     decode_message,
@@ -44,6 +51,7 @@ from ..errors import (
     PeerTransportError,
 )
 from .calls import CallGate, ClosingConnection, deadline_from_timeout_ms, name_call
+from .http1_server import SHUTTING_DOWN, cut_off_message
 from .json_codec import JSON_CONTENT_TYPE, encode_json_error
 from .limits import Limits
 from .logs import PeerLogger
@@ -72,6 +80,7 @@ _NODE_ID: Final = grpc.NODE_ID_HEADER.encode()
 # above the message size limit.
 _FRAME_OVERHEAD: Final = 1024
 # WebSocket close codes (RFC 6455, 7.4.1).
+_GOING_AWAY: Final = 1001
 _UNSUPPORTED_DATA: Final = 1003
 _INVALID_PAYLOAD: Final = 1007
 
@@ -111,12 +120,19 @@ class WebSocketServer:
         }
 
     async def __call__(
-        self, stream: trio.abc.Stream, connection: ClosingConnection, principal: str | None
+        self,
+        stream: trio.abc.Stream,
+        connection: ClosingConnection,
+        principal: str | None,
+        drain: Drain,
     ) -> None:
-        """Do the handshake on ``stream`` and serve the connection's calls until it closes."""
+        """Do the handshake on ``stream`` and serve the connection's calls until it closes.
+
+        Once ``drain`` starts, the connection drains (see the module's docstring).
+        """
         async with trio.open_nursery() as nursery:  # trio-websocket's reader task
             try:
-                await self._serve(nursery, stream, connection, principal)
+                await self._serve(nursery, stream, connection, principal, drain)
             except trio_websocket.ConnectionClosed:
                 pass  # the client left mid-handshake or mid-frame: nothing to answer
             finally:
@@ -128,6 +144,7 @@ class WebSocketServer:
         stream: trio.abc.Stream,
         connection: ClosingConnection,
         principal: str | None,
+        drain: Drain,
     ) -> None:
         # The HTTP/1.1 driver has read the whole head: the handshake request
         # is already here, unless the client sent something wsproto refuses.
@@ -140,6 +157,9 @@ class WebSocketServer:
                 max_message_size=self.limits.max_message_size + _FRAME_OVERHEAD,
             )
         if request is None:
+            return
+        if drain.started:
+            await _reject(request, 503, encode_message(ErrorDetails("unavailable", SHUTTING_DOWN)))
             return
         if SUBPROTOCOL not in request.proposed_subprotocols:
             message = f"the WebSocket subprotocol must be {SUBPROTOCOL!r}"
@@ -159,13 +179,18 @@ class WebSocketServer:
             await _reject(request, grpc.http_status_for(status), details)
             return
         ws = await request.accept(subprotocol=SUBPROTOCOL)
+        session = _Session(self, ws, stream, caller, drain)
         try:
-            await _Session(self, ws, stream, caller).run()
+            await session.run()
         finally:
             # A closing handshake when there is time for one; when the server
             # itself is being cancelled, trio-websocket just closes the stream.
-            with trio.move_on_after(self.limits.keepalive_timeout):
-                await ws.aclose()
+            if session.drained:
+                with trio.move_on_after(drain.goodbye):
+                    await ws.aclose(_GOING_AWAY, "the peer is shutting down")
+            else:
+                with trio.move_on_after(self.limits.keepalive_timeout):
+                    await ws.aclose()
 
 
 async def _reject(request: trio_websocket.WebSocketRequest, status: int, details: bytes) -> None:
@@ -187,6 +212,7 @@ class _Session:
         ws: trio_websocket.WebSocketConnection,
         stream: trio.abc.Stream,
         caller: Caller,
+        drain: Drain,
     ) -> None:
         self._transport = stream
         self._service = server.service
@@ -196,13 +222,18 @@ class _Session:
         self._caller = caller
         self._gate = server.gate
         self._running: dict[int, trio.CancelScope] = {}
+        self._call_ended = trio.lowlevel.ParkingLot()
         self._broken = False
         self._methods = server.methods
+        self._drain = drain
+        #: Whether the session ended because the drain let its last call finish.
+        self.drained = False
 
     async def run(self) -> None:
         """Read frames and run calls until the connection ends; then cancel every call."""
         async with trio.open_nursery() as calls:
             calls.start_soon(self._watch_liveness)
+            calls.start_soon(self._end_when_drained, calls.cancel_scope)
             try:
                 await self._read_frames(calls)
             finally:
@@ -215,6 +246,15 @@ class _Session:
         self._log.info("closing a WebSocket whose client stopped answering pings")
         self._broken = True
         await trio.aclose_forcefully(self._transport)
+
+    async def _end_when_drained(self, calls: trio.CancelScope) -> None:
+        # The calls in flight may finish (the drain cuts them off at its
+        # deadline); then the session ends and the connection closes (1001).
+        await self._drain.wait_started()
+        while self._running:
+            await self._call_ended.park()
+        self.drained = True
+        calls.cancel()
 
     async def _read_frames(self, calls: trio.Nursery) -> None:
         while not self._broken:
@@ -239,6 +279,11 @@ class _Session:
                 if scope is not None:
                     scope.cancel()
                 continue
+            if self._drain.started:
+                await self._send_status(
+                    frame.id, grpc.Status.UNAVAILABLE, "unavailable", SHUTTING_DOWN
+                )
+                continue
             if frame.id in self._running:
                 error = PeerEncodeError(f"call {frame.id} is already running", "id")
                 await self._send_error(frame.id, error)
@@ -254,10 +299,14 @@ class _Session:
     async def _call(self, frame: CallFrame, scope: trio.CancelScope) -> None:
         name_call(None, self._ws, frame.id)
         try:
-            with scope:
+            # ``scope`` is the client's (its cancel frame); ``grace`` the drain's.
+            with scope, self._drain.in_flight() as grace:
                 method = self._methods.get(frame.method)
                 if method is None:
-                    await self._send_unimplemented(frame)
+                    message = f"unknown method {frame.method[:200]!r}"
+                    await self._send_status(
+                        frame.id, grpc.Status.UNIMPLEMENTED, "unimplemented", message
+                    )
                     return
                 with self._gate.trace(
                     frame.traceparent, frame.tracestate, frame.method, "websocket"
@@ -273,8 +322,12 @@ class _Session:
                     except Exception as exc:
                         self._log.exception("call %s failed", frame.method)
                         await self._send_error(frame.id, exc)
+            if grace.cancelled_caught:
+                message = cut_off_message(self._drain)
+                await self._send_status(frame.id, grpc.Status.CANCELLED, "cancelled", message)
         finally:
             del self._running[frame.id]
+            self._call_ended.unpark_all()
 
     # -- sending -----------------------------------------------------------------
 
@@ -307,14 +360,16 @@ class _Session:
         except PeerError:
             self._log.debug("could not report %r: the connection is gone", exc)
 
-    async def _send_unimplemented(self, frame: CallFrame) -> None:
-        details = ErrorDetails("unimplemented", f"unknown method {frame.method[:200]!r}")
+    async def _send_status(
+        self, frame_id: int, status: grpc.Status, code: str, message: str
+    ) -> None:
+        # For the failures that have a status but no error class (section 4's
+        # rows without a code): unknown method, shutting down, cut off.
+        details = encode_message(ErrorDetails(code, message))
         try:
-            await self._send(
-                ErrorFrame(frame.id, int(grpc.Status.UNIMPLEMENTED), encode_message(details))
-            )
+            await self._send(ErrorFrame(frame_id, int(status), details))
         except PeerError:
-            self._log.debug("could not report an unknown method: the connection is gone")
+            self._log.debug("could not report %s: the connection is gone", code)
 
     async def _reply(self, frame_id: int, body: bytes) -> None:
         await self._send(MessageFrame(frame_id, body))

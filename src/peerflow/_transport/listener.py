@@ -1,31 +1,38 @@
-"""One TCP port for HTTP/2 and HTTP/1.1: accept, pick the protocol, hand off.
+"""One TCP port for HTTP/2 and HTTP/1.1: accept, pick the protocol, hand off, drain.
 
 The protocol is chosen by TLS ALPN when the handshake settled it, otherwise
 by sniffing the HTTP/2 client preface. An HTTP/1.1 connection goes to the
 ``http1_handler`` wrapped in a PrefixedStream that replays the sniffed bytes;
-without one it is refused (505).
+without one it is refused (505). Cancelling the server drains every
+connection: an HTTP/2 connection sends GOAWAY, and protocols without GOAWAY
+run under :func:`serve_draining`, which tells them through a :class:`Drain`.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import math
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from typing import final
 
 import trio
 
 from ..errors import PeerTransportError
 from .config import H2Settings
 from .h2conn import StreamHandler, serve_h2_connection
-from .mapping import map_exceptions
+from .mapping import collapse_excgroups, map_exceptions
 
 __all__ = [
     "H2_PREFACE",
+    "Drain",
     "PrefixedStream",
     "connect_tcp",
     "handle_connection",
     "reject_http1",
+    "serve_draining",
     "serve_tcp",
 ]
 
@@ -39,6 +46,10 @@ logger = logging.getLogger("peerflow.transport")
 # instead of taking the whole server down.
 _ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 _MAX_HTTP1_HEAD = 16 * 1024
+# After the grace period, the time a drained handler has to say goodbye (an
+# error answer, a close frame) before it is cancelled: what an HTTP/2
+# connection gives its last frames, min(grace_period, this).
+_GOODBYE_SECONDS = 1.0
 
 
 class PrefixedStream(trio.abc.Stream):
@@ -51,6 +62,11 @@ class PrefixedStream(trio.abc.Stream):
     def __init__(self, stream: trio.abc.Stream, prefix: bytes) -> None:
         self.stream = stream
         self._prefix = prefix
+
+    @property
+    def replaying(self) -> bool:
+        """Whether some of the peeked bytes are still to be read."""
+        return bool(self._prefix)
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         if self._prefix:
@@ -68,6 +84,107 @@ class PrefixedStream(trio.abc.Stream):
 
     async def aclose(self) -> None:
         await self.stream.aclose()
+
+
+@final
+class Drain:
+    """What a connection's handler learns when its server starts to shut down.
+
+    :func:`serve_draining` hands one to its handler and starts it when the
+    server is cancelled. From then on the handler takes no new calls, closes
+    what is idle, and lets its calls in flight run until ``deadline``, the
+    end of the grace period (infinite until the drain starts). Its goodbyes
+    (an error answer, a close frame) get ``goodbye`` seconds more.
+    """
+
+    def __init__(self, grace_period: float) -> None:
+        self.grace_period = grace_period
+        self.goodbye = min(grace_period, _GOODBYE_SECONDS)
+        self.deadline = math.inf
+        self._started = trio.Event()
+        self._idle: set[trio.CancelScope] = set()
+        self._in_flight: set[trio.CancelScope] = set()
+
+    @property
+    def started(self) -> bool:
+        """Whether the drain has started: no new call may begin."""
+        return self._started.is_set()
+
+    async def wait_started(self) -> None:
+        """Return once the drain has started."""
+        await self._started.wait()
+
+    @contextmanager
+    def while_idle(self) -> Iterator[trio.CancelScope]:
+        """A cancel scope for waiting with nothing in flight: the drain's start cancels it."""
+        with trio.CancelScope() as scope:
+            if self.started:
+                scope.cancel()
+            self._idle.add(scope)
+            try:
+                yield scope
+            finally:
+                self._idle.discard(scope)
+
+    @contextmanager
+    def in_flight(self) -> Iterator[trio.CancelScope]:
+        """A cancel scope for one call in flight: it expires when the grace period ends.
+
+        ``scope.cancelled_caught`` afterwards means the drain cut the call off.
+        """
+        with trio.CancelScope(deadline=self.deadline) as scope:
+            self._in_flight.add(scope)
+            try:
+                yield scope
+            finally:
+                self._in_flight.discard(scope)
+
+    def start(self) -> None:
+        """Start the drain: idle waits end now, calls in flight at the deadline."""
+        if self.started:
+            return
+        self.deadline = trio.current_time() + self.grace_period
+        for scope in self._idle:
+            scope.cancel()
+        for scope in self._in_flight:
+            scope.deadline = self.deadline
+        self._started.set()
+
+
+async def serve_draining(
+    handler: Callable[[Drain], Awaitable[object]], grace_period: float
+) -> None:
+    """Run ``handler(drain)``; cancelling this drains the handler instead of cutting it off.
+
+    This is the HTTP/2 drain (GOAWAY, then ``grace_period`` for the streams
+    in flight) for protocols without GOAWAY: cancellation starts ``drain``
+    and the handler does the rest (see :class:`Drain`). Whatever still runs
+    ``drain.goodbye`` after ``drain.deadline`` (``min(grace_period, 1.0)``
+    seconds, as for HTTP/2) is cancelled. The handler's own exceptions pass
+    through unwrapped.
+    """
+    drain = Drain(grace_period)
+    # The handler runs shielded from the caller's cancellation, which starts
+    # the drain instead; the guard's deadline, set then, is the backstop.
+    guard = trio.CancelScope(shield=True)
+    finished = trio.Event()
+
+    async def run() -> None:
+        try:
+            with guard:
+                await handler(drain)
+        finally:
+            finished.set()
+
+    with collapse_excgroups():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run)
+            try:
+                await finished.wait()
+            finally:
+                if not finished.is_set():
+                    drain.start()
+                    guard.deadline = drain.deadline + drain.goodbye
 
 
 async def reject_http1(stream: trio.abc.Stream) -> None:
@@ -182,8 +299,10 @@ async def serve_tcp(
     open connections the accept loop stops accepting until one closes: new
     clients wait in the kernel's backlog rather than being refused. trio
     sets TCP_NODELAY on accepted sockets. Cancelling ``serve_tcp`` stops
-    accepting at once and gives every HTTP/2 connection a graceful GOAWAY
-    drain of ``settings.grace_period``.
+    accepting at once and drains every connection: an HTTP/2 connection
+    sends GOAWAY and gives its streams ``settings.grace_period`` to finish;
+    an ``http1_handler`` drains itself on cancellation (the peer's runs
+    under :func:`serve_draining` with the same grace period).
 
     Raises:
         PeerTransportError: the port cannot be bound.
