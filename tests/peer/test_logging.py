@@ -6,8 +6,9 @@ import logging
 
 import pytest
 
-from peerflow import PeerClient
+from peerflow import PeerClient, PeerServer
 from peerflow._peer.logs import PeerLogger, for_node
+from peerflow.testing import open_memory_peer, sever
 
 
 async def test_records_carry_the_node_id_and_the_caller_s_call_id(
@@ -65,3 +66,15 @@ def test_every_peerflow_record_has_the_fields_a_format_names(name: str) -> None:
         "%(node_id)s %(call_id)s %(caller_node_id)s %(trace_id)s %(message)s"
     )
     assert formatter.format(record) == "node-z - - - [node-z -] connection c1 ended"
+
+
+async def test_transport_records_name_the_node_whose_connection_logs_them(
+    server: PeerServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.DEBUG, logger="peerflow.transport"):
+        async with open_memory_peer(server, "node-a") as client:
+            await client.invoke_sub_workflow("w", ["echo"], 1)
+            await sever(client)
+    # Each side's connection ends, and says whose it was.
+    ended = [r for r in caplog.records if "HTTP/2 connection ended" in r.getMessage()]
+    assert sorted(r.node_id for r in ended) == ["node-a", "node-b"]  # type: ignore[attr-defined]

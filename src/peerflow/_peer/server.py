@@ -22,7 +22,7 @@ from .grpc_server import GrpcHandler
 from .http1_server import Http1Server
 from .http_json import H2Exchange, JsonHandler
 from .limits import Limits
-from .logs import PeerLogger
+from .logs import PeerLogger, for_node
 from .service import PeerService
 from .ws_server import WebSocketServer
 
@@ -135,18 +135,19 @@ class PeerServer:
         """
         async with self.running():
             assert self._nursery is not None
-            addresses = await self._nursery.start(
-                lambda task_status: serve_tcp(
-                    self._handler,
-                    port,
-                    host=host,
-                    settings=self.limits.h2_settings(server=True),
-                    ssl_context=self.tls,
-                    http1_handler=self._http1,
-                    max_connections=self.limits.max_connections,
-                    task_status=task_status,
+            with for_node(self.node_id):  # the listener's tasks log for this node
+                addresses = await self._nursery.start(
+                    lambda task_status: serve_tcp(
+                        self._handler,
+                        port,
+                        host=host,
+                        settings=self.limits.h2_settings(server=True),
+                        ssl_context=self.tls,
+                        http1_handler=self._http1,
+                        max_connections=self.limits.max_connections,
+                        task_status=task_status,
+                    )
                 )
-            )
             bound_host, bound_port = addresses[0]
             self._warn_if_open(bound_host)
             address = PeerAddress(bound_host, bound_port, "https" if self.tls else "http")
@@ -174,7 +175,8 @@ class PeerServer:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                await nursery.start(self.service.run_reaper)
+                with for_node(self.node_id):
+                    await nursery.start(self.service.run_reaper)
                 try:
                     yield
                 finally:
@@ -197,13 +199,14 @@ class PeerServer:
             raise RuntimeError(
                 "serve_stream needs a running server: use `async with server.running()`"
             )
-        await handle_connection(
-            stream,
-            self._handler,
-            settings=self.limits.h2_settings(server=True),
-            ssl_context=self.tls,
-            http1_handler=self._http1,
-        )
+        with for_node(self.node_id):
+            await handle_connection(
+                stream,
+                self._handler,
+                settings=self.limits.h2_settings(server=True),
+                ssl_context=self.tls,
+                http1_handler=self._http1,
+            )
 
     def _warn_if_open(self, host: str) -> None:
         # TLS without required client certificates encrypts but identifies nobody.
