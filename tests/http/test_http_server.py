@@ -29,6 +29,19 @@ def assert_no_trace(server: PeerServer) -> None:
     assert (stats.runs, stats.scopes) == (0, 0)
 
 
+@pytest.mark.parametrize("version", [2**64, -(2**70)])
+async def test_a_version_no_wire_int_can_hold_is_a_400(server: PeerServer, version: int) -> None:
+    # JSON ints have no bound; the answer must still be written, and the
+    # connection serve on.
+    body = b'{"v":%d,"workflow_name":"w","step_ids":["echo"],"input":1}' % version
+    async with memory_connection(server) as conn:
+        reply = await conn.call(post("InvokeSubWorkflow", body))
+        after = await conn.call(post("InvokeSubWorkflow", invoke(["echo"], 2)))
+    assert (reply.status, reply.error_code) == (400, "encode")
+    assert reply.json["error"]["path"] == "v"
+    assert after.json["result"] == 2
+
+
 async def test_invoke_answers_json_and_keeps_the_connection(server: PeerServer) -> None:
     async with memory_connection(server) as conn:
         reply = await conn.call(

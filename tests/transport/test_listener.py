@@ -145,6 +145,23 @@ async def test_garbage_preface_is_closed_and_server_keeps_serving() -> None:
             assert await echo_over(port, b"others unaffected") == b"others unaffected"
 
 
+async def test_a_failing_connection_handler_ends_its_connection_not_the_server(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def broken(stream: trio.abc.Stream) -> None:
+        raise KeyError("a bug in a handler")
+
+    with trio.fail_after(10):
+        async with running_server(http1_handler=broken) as port:
+            async with await trio.open_tcp_stream("127.0.0.1", port) as conn:
+                await conn.send_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+                assert await conn.receive_some() == b""  # closed, unanswered
+            assert await echo_over(port, b"others unaffected") == b"others unaffected"
+    (record,) = [r for r in caplog.records if r.name == "peerflow.transport"]
+    assert "connection handler failed" in record.getMessage()
+    assert record.exc_info is not None
+
+
 async def test_http1_request_gets_505() -> None:
     with trio.fail_after(10):
         async with running_server() as port:

@@ -36,6 +36,7 @@ from peerflow._wire.envelopes import (
     StreamEvent,
 )
 from peerflow._wire.values import MAX_DEPTH
+from peerflow._wire.version import check_envelope_version
 from strategies import messages, stream_events, sub_workflow_responses, wire_values
 
 
@@ -452,6 +453,15 @@ def test_older_and_current_versions_are_accepted_newer_rejected() -> None:
     with pytest.raises(PeerEnvelopeVersionError) as info:
         decode_message(InvokeSubWorkflowRequest, msgpack.packb({"v": 2, **body}))
     assert (info.value.got, info.value.supported) == (2, 1)
+
+
+def test_a_version_beyond_64_bits_is_an_encode_error() -> None:
+    # Only JSON can send one; as a version error it could not travel back.
+    with pytest.raises(PeerEncodeError) as info:
+        check_envelope_version(2**64)
+    assert (info.value.path, info.value.reason) == ("v", "envelope version does not fit in 64 bits")
+    with pytest.raises(PeerEnvelopeVersionError):
+        check_envelope_version(2**64 - 1)
 
 
 @pytest.mark.parametrize("v", [None, "1", 1.0, True, 0, -1])

@@ -209,6 +209,17 @@ def test_errors_map_to_a_status_and_back(
         assert getattr(rebuilt, name) == value
 
 
+def test_an_error_whose_details_cannot_travel_still_gets_its_status() -> None:
+    # A message or field built from the caller's input may hold a lone
+    # surrogate: the call is still answered, with its kind.
+    status, message, details = status_for_error(PeerRefNotFoundError("ref-\ud800"))
+    assert status is Status.NOT_FOUND
+    assert "ref-\\ud800" in message
+    rebuilt = error_for_status(status, message, details)
+    assert type(rebuilt) is PeerRefNotFoundError
+    assert rebuilt.ref_uuid == "ref-\\ud800"
+
+
 def test_unexpected_errors_become_internal_without_leaking() -> None:
     status, message, details = status_for_error(RuntimeError("db password is hunter2"))
     assert status is Status.INTERNAL

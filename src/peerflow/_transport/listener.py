@@ -277,6 +277,10 @@ async def handle_connection(
                 await reject_http1(PrefixedStream(stream, prefix))
     except PeerTransportError as exc:
         logger.debug("connection failed: %s", exc)
+    except Exception:
+        # A bug in a handler ends its connection, never the server: the
+        # accept loop's nursery would take every other connection with it.
+        logger.exception("connection handler failed; closing the connection")
     finally:
         await trio.aclose_forcefully(stream)
 

@@ -372,6 +372,10 @@ _STATUS_ERRORS: Final[dict[Status, type[PeerError]]] = {
 }
 
 
+def _escaped(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def status_for_error(exc: BaseException) -> tuple[Status, str, bytes]:
     """Map an error raised while serving a call to what the server sends.
 
@@ -388,7 +392,15 @@ def status_for_error(exc: BaseException) -> tuple[Status, str, bytes]:
             detail_message = getattr(exc, "reason", message) if row.code == "encode" else message
             fields = {k: v for k, v in row.details(exc).items() if v is not None}
             details = ErrorDetails(row.code, detail_message, **fields)  # type: ignore[arg-type]
-            return row.status, message, encode_message(details)
+            try:
+                return row.status, message, encode_message(details)
+            except PeerEncodeError:
+                # A lone surrogate from the caller's input, in a message or a
+                # field: sent escaped. Failing here would leave the call
+                # unanswered.
+                fields = {k: _escaped(v) if isinstance(v, str) else v for k, v in fields.items()}
+                details = ErrorDetails(row.code, _escaped(detail_message), **fields)  # type: ignore[arg-type]
+                return row.status, _escaped(message), encode_message(details)
     message = "internal error while serving the call (see the peer's log)"
     return Status.INTERNAL, message, encode_message(ErrorDetails("internal", message))
 
