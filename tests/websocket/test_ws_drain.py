@@ -52,9 +52,11 @@ class MemoryPeer:
     stopped: trio.Event = attrs.field(factory=trio.Event)
     connections: trio.Nursery | None = None
 
-    def connect(self) -> trio.abc.Stream:
+    def connect(self, *, lockstep: bool = False) -> trio.abc.Stream:
+        """A new connection; with ``lockstep``, a send waits until the other end reads."""
         assert self.connections is not None
-        client_stream, server_stream = trio.testing.memory_stream_pair()
+        pair = trio.testing.lockstep_stream_pair if lockstep else trio.testing.memory_stream_pair
+        client_stream, server_stream = pair()
         self.connections.start_soon(self.server.serve_stream, server_stream)
         return client_stream
 
@@ -236,3 +238,32 @@ async def test_an_idle_connection_closes_at_once_with_1001(
         assert await close_code(ws) == GOING_AWAY
         await peer.stopped.wait()
         assert trio.current_time() == start
+
+
+async def test_a_client_that_stops_reading_is_cut_off_when_the_drain_ends(
+    server: PeerServer, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Sending a frame is shielded (half a frame would break the connection),
+    # yet the drain must end at grace + goodbye, not at the request timeout.
+    goodbye = min(GRACE, 1.0)
+    with trio.fail_after(2 * server.limits.request_timeout):
+        async with memory_peer(server) as peer, trio.open_nursery() as client:
+            # Over a lockstep stream a send waits for the other end to read,
+            # and this client reads no message: with one in its queue and one
+            # in its reader's hands, the server's next send blocks.
+            ws = await trio_websocket.wrap_client_stream(
+                client,
+                peer.connect(lockstep=True),  # type: ignore[arg-type]
+                "memory",
+                "/peerflow.peer.v1/ws",
+                subprotocols=["peerflow.v1"],
+                extra_headers=[(b"x-peerflow-peer-node-id", b"stuck")],
+            )
+            for frame_id in range(4):
+                await ws.send_message(call(frame_id, ["echo"], frame_id))
+            await trio.testing.wait_all_tasks_blocked()
+            start = trio.current_time()
+            peer.shut_down()
+            await peer.stopped.wait()
+            assert trio.current_time() - start == pytest.approx(GRACE + goodbye)
+            client.cancel_scope.cancel()  # a client that never reads cannot close either

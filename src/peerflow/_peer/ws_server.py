@@ -7,13 +7,18 @@ handshake is where the caller is admitted (token, node id, subprotocol
 (:mod:`.ws_frames`): each call frame runs in its own task under its own
 cancel scope, which a cancel frame, the call's deadline or the connection's
 end cancels. Whatever goes wrong with one call becomes that call's error
-frame; a frame that cannot even name its call closes the connection.
+frame; a frame that cannot even name its call closes the connection. A
+connection with no call in flight for ``idle_timeout`` is closed with 1000
+(normal closure), as an idle HTTP/2 or keep-alive connection is.
 
 When the server drains (see :class:`~peerflow._transport.listener.Drain`),
 a new call gets an UNAVAILABLE error frame, the calls in flight run on for
 the grace period (one still running then is cancelled and gets a CANCELLED
 error frame), and the connection closes with 1001 (going away) once none
 is left; an upgrade that arrives during the drain is refused with 503.
+Sending a frame is shielded from cancellation (half a frame would break the
+connection), so the drain bounds each send itself: a client that stops
+reading loses the connection when the drain ends, grace plus goodbye.
 """
 
 from __future__ import annotations
@@ -79,7 +84,10 @@ _NODE_ID: Final = grpc.NODE_ID_HEADER.encode()
 # up to about 600 more): the WebSocket message limit leaves room for them
 # above the message size limit.
 _FRAME_OVERHEAD: Final = 1024
-# WebSocket close codes (RFC 6455, 7.4.1).
+# WebSocket close codes (RFC 6455, 7.4.1). An idle connection is closed
+# with 1000, not 1001: 1001 says the server is going away (its drain),
+# while after an idle close the same server takes a new connection.
+_NORMAL_CLOSURE: Final = 1000
 _GOING_AWAY: Final = 1001
 _UNSUPPORTED_DATA: Final = 1003
 _INVALID_PAYLOAD: Final = 1007
@@ -188,6 +196,9 @@ class WebSocketServer:
             if session.drained:
                 with trio.move_on_after(drain.goodbye):
                     await ws.aclose(_GOING_AWAY, "the peer is shutting down")
+            elif session.idle:
+                with trio.move_on_after(self.limits.keepalive_timeout):
+                    await ws.aclose(_NORMAL_CLOSURE, session.idle)
             else:
                 with trio.move_on_after(self.limits.keepalive_timeout):
                     await ws.aclose()
@@ -223,17 +234,24 @@ class _Session:
         self._gate = server.gate
         self._running: dict[int, trio.CancelScope] = {}
         self._call_ended = trio.lowlevel.ParkingLot()
+        # When the last call ended (or the connection opened): the idle clock.
+        self._idle_since = trio.current_time()
+        # The deadlines of the frames being sent, which the drain may shorten.
+        self._sending: set[trio.CancelScope] = set()
         self._broken = False
         self._methods = server.methods
         self._drain = drain
         #: Whether the session ended because the drain let its last call finish.
         self.drained = False
+        #: Why the session ended for want of calls (the close reason), or "".
+        self.idle = ""
 
     async def run(self) -> None:
         """Read frames and run calls until the connection ends; then cancel every call."""
         async with trio.open_nursery() as calls:
             calls.start_soon(self._watch_liveness)
             calls.start_soon(self._end_when_drained, calls.cancel_scope)
+            calls.start_soon(self._end_when_idle, calls.cancel_scope)
             try:
                 await self._read_frames(calls)
             finally:
@@ -251,9 +269,30 @@ class _Session:
         # The calls in flight may finish (the drain cuts them off at its
         # deadline); then the session ends and the connection closes (1001).
         await self._drain.wait_started()
+        # A send already under way learns the drain's end only now.
+        for sending in self._sending:
+            sending.deadline = min(sending.deadline, self._drain_cutoff())
         while self._running:
             await self._call_ended.park()
         self.drained = True
+        calls.cancel()
+
+    async def _end_when_idle(self, calls: trio.CancelScope) -> None:
+        # A connection nobody uses must not hold a connection slot and its
+        # ref scope forever; pongs keep it alive but do not make it busy.
+        idle_for = self._limits.idle_timeout
+        if idle_for is None:
+            return
+        while True:
+            if self._running:
+                await self._call_ended.park()
+                continue
+            deadline = self._idle_since + idle_for
+            if trio.current_time() >= deadline:
+                break
+            await trio.sleep_until(deadline)
+        self._log.debug("closing a WebSocket with no call for %gs", idle_for)
+        self.idle = f"no call for {idle_for:g}s (idle timeout)"
         calls.cancel()
 
     async def _read_frames(self, calls: trio.Nursery) -> None:
@@ -327,6 +366,8 @@ class _Session:
                 await self._send_status(frame.id, grpc.Status.CANCELLED, "cancelled", message)
         finally:
             del self._running[frame.id]
+            if not self._running:
+                self._idle_since = trio.current_time()
             self._call_ended.unpark_all()
 
     # -- sending -----------------------------------------------------------------
@@ -336,21 +377,40 @@ class _Session:
 
         Raises:
             PeerTransportError: the connection is gone, or the client took
-                none of the frame within the request timeout (the connection
-                is then closed: it may hold half a frame).
+                none of the frame within the request timeout, or before the
+                drain ended (the connection is then closed: it may hold half
+                a frame).
         """
         data = encode_frame(frame)
         with trio.CancelScope(shield=True):
-            with trio.move_on_after(self._limits.request_timeout):
-                try:
-                    await self._ws.send_message(data)
-                except trio_websocket.ConnectionClosed:
-                    raise PeerTransportError("the WebSocket connection closed") from None
-                return
+            sending = self._send_scope()
+            try:
+                with sending:
+                    try:
+                        await self._ws.send_message(data)
+                    except trio_websocket.ConnectionClosed:
+                        raise PeerTransportError("the WebSocket connection closed") from None
+                    return
+            finally:
+                self._sending.discard(sending)
             # Half a frame may be out: the connection cannot carry another.
             self._broken = True
             await trio.aclose_forcefully(self._transport)
             raise PeerTransportError("the client took none of a frame in time")
+
+    def _send_scope(self) -> trio.CancelScope:
+        # The shield around a send hides the drain's cutoff (the listener's
+        # guard), so the send carries it: the earlier of the request timeout
+        # and the drain's end, which _end_when_drained sets on a send under way.
+        deadline = trio.current_time() + self._limits.request_timeout
+        sending = trio.CancelScope(deadline=min(deadline, self._drain_cutoff()))
+        self._sending.add(sending)
+        return sending
+
+    def _drain_cutoff(self) -> float:
+        # When the listener cancels whatever is left of a drain (infinite
+        # until the drain starts): the grace period, then the goodbye.
+        return self._drain.deadline + self._drain.goodbye
 
     async def _send_error(self, frame_id: int, exc: BaseException) -> None:
         call_failed(exc)
