@@ -23,6 +23,8 @@ from peerflow import (
     StopEvent,
     Workflow,
 )
+from peerflow._peer import http_client
+from peerflow._peer.http_json import error_body
 
 TIMEOUT = 20
 CONTEXT = "until_context_drop"
@@ -508,3 +510,45 @@ async def test_an_idle_connection_the_peer_closed_is_replaced_before_sending(
             assert response.result == 2
             assert client._idle[0] is not stale
             assert stale.stream.socket.fileno() == -1  # closed, not left open
+
+
+async def test_a_body_refused_before_it_was_sent_raises_the_answer_s_error(
+    monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    # A peer that answers 413 from the head alone and closes without reading
+    # the body: sending it all first would end in a broken connection and
+    # lose the answer. The request travels in lockstep (no buffer), so the
+    # body blocks as soon as the peer stops reading.
+    body = error_body("resource_exhausted", "the request body is too large")
+    answer = (
+        b"HTTP/1.1 413 Content Too Large\r\ncontent-type: application/json\r\n"
+        b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    heads: list[bytes] = []
+
+    async def refusing_peer(stream: trio.abc.Stream) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += await stream.receive_some(1024)
+        heads.append(head)
+        await stream.send_all(answer)
+        await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+
+        async def connect(host: str, port: int, **_: object) -> trio.abc.Stream:
+            request_out, request_in = trio.testing.lockstep_stream_one_way_pair()
+            answer_out, answer_in = trio.testing.memory_stream_one_way_pair()
+            nursery.start_soon(refusing_peer, trio.StapledStream(answer_out, request_in))
+            client_stream = trio.StapledStream(request_out, answer_in)
+            await trio.lowlevel.checkpoint()
+            return client_stream
+
+        monkeypatch.setattr(http_client, "connect_tcp", connect)
+        client = HttpPeerClient("http://peer:1", "node-a", token=None)
+        client._scopes.leases_supported = False  # one request: the invoke
+        with pytest.raises(peerflow.PeerLimitError, match="too large"):
+            await client.invoke_sub_workflow("w", ["echo"], "x" * (8 * 1024 * 1024))
+        assert len(heads) == 1
+        assert heads[0].startswith(b"POST /peerflow.peer.v1/InvokeSubWorkflow ")
+        await client.aclose()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 
 import attrs
@@ -23,6 +24,8 @@ from peerflow import (
     StopEvent,
     Workflow,
 )
+from peerflow._transport.h2conn import ErrorCodes, ServerStream, StreamHandler
+from peerflow._transport.listener import serve_tcp
 
 
 @attrs.define
@@ -277,3 +280,70 @@ def test_a_pool_needs_endpoints_and_checks_them_at_once() -> None:
         PeerPool("http://127.0.0.1:1", "caller")  # type: ignore[arg-type]
     with pytest.raises(Exception, match="ftp"):
         PeerPool(["ftp://nowhere"], "caller")
+
+
+_GRPC_HEAD = [(b":status", b"200"), (b"content-type", b"application/grpc+msgpack")]
+
+
+async def _no_leases(stream: ServerStream) -> bool:
+    """Answer a Lease call UNIMPLEMENTED (as a minimal peer would); True if it was one."""
+    if stream.path.endswith(b"/Lease"):
+        stream.send_headers([*_GRPC_HEAD, (b"grpc-status", b"12")], end_stream=True)
+        return True
+    await trio.lowlevel.checkpoint()
+    return False
+
+
+async def refuse_the_stream(stream: ServerStream) -> None:
+    if not await _no_leases(stream):
+        stream.reset(ErrorCodes.REFUSED_STREAM)  # "not processed": safe to retry
+
+
+async def answer_unavailable(stream: ServerStream) -> None:
+    if not await _no_leases(stream):
+        status = [(b"grpc-status", b"14"), (b"grpc-message", b"draining")]
+        stream.send_headers([*_GRPC_HEAD, *status], end_stream=True)
+
+
+async def never_answer(stream: ServerStream) -> None:
+    await trio.sleep_forever()
+
+
+async def _bare_h2_peer(nursery: trio.Nursery, handler: StreamHandler) -> str:
+    addresses = await nursery.start(functools.partial(serve_tcp, handler, 0, host="127.0.0.1"))
+    return f"http://127.0.0.1:{addresses[0][1]}"
+
+
+@pytest.mark.parametrize("refusal", [refuse_the_stream, answer_unavailable])
+async def test_a_stream_refused_before_its_answer_began_moves_to_another_peer(
+    peers: Peers, nursery: trio.Nursery, refusal: StreamHandler
+) -> None:
+    explicit = RefLifetime.UNTIL_EXPLICIT_DROP.value
+    refusing = await _bare_h2_peer(nursery, refusal)
+    with trio.fail_after(20):
+        async with PeerPool([peers.urls[0], refusing], "caller", token=None) as pool:
+            # Ties take turns, so some of these go to the refusing peer first.
+            for _ in range(4):
+                async with pool.stream_sub_workflow("pool-tests", ["keep"], explicit) as call:
+                    assert [event async for event in call] == []
+                assert call.response is not None
+                ref = call.response.remote_refs[call.response.result]
+                assert ref.origin_node_id == "node-0"
+            assert not pool.members()[1].healthy
+
+
+async def test_a_silent_peer_does_not_hold_up_the_pool(peers: Peers, nursery: trio.Nursery) -> None:
+    # Its HTTP/2 stack answers (SETTINGS, PINGs); its service never does, so
+    # connecting to it lasts the whole handshake timeout (10 s by default).
+    silent = await _bare_h2_peer(nursery, never_answer)
+    with trio.fail_after(5):
+        async with PeerPool(
+            [silent, peers.urls[0]], "caller", token=None, health_timeout=0.2
+        ) as pool:
+            silent_member, good = pool.members()
+            assert not silent_member.healthy
+            assert "did not connect within 0.2s" in (silent_member.failure or "")
+            assert good.healthy
+            for _ in range(3):
+                response = await pool.invoke_sub_workflow("pool-tests", ["where"], None)
+                assert response.result == "node-0"

@@ -158,10 +158,17 @@ class PeerClient:
         (ALPN ``h2``; mTLS when ``tls`` carries a client certificate). The
         token defaults to ``PEERFLOW_PEER_TOKEN``; pass None to send none.
 
+        Opening is bounded by ``limits.handshake_timeout`` twice over: the
+        TCP connect with its TLS handshake, then the client's opening
+        ``Lease`` call (the first call a peer must answer).
+
         Raises:
             PeerTransportError: at once for a bad URI; on entering the block
                 when the connection is refused (the message names the
                 address) or the TLS handshake fails.
+            PeerTimeoutError: on entering the block, when the connection, the
+                TLS handshake or the opening ``Lease`` call takes longer than
+                ``limits.handshake_timeout``.
         """
         parsed = parse_endpoint(endpoint)
         if parsed.scheme == "https" and tls is None:
@@ -472,10 +479,14 @@ class _Reader:
     def __aiter__(self) -> _Reader:
         return self
 
-    async def __anext__(self) -> memoryview:
+    async def start(self) -> None:
+        """Wait for the response headers (once); a refused call raises here."""
         if not self._started:
             self._started = True
             _check_headers(self._method, await self._stream.receive_headers())
+
+    async def __anext__(self) -> memoryview:
+        await self.start()
         while not self._finished:
             message = self._decoder.next_message()
             if message is not NEED_DATA:
@@ -546,6 +557,11 @@ class StreamCall:
     def __aiter__(self) -> StreamCall:
         return self
 
+    async def _wait_started(self) -> None:
+        # For PeerPool: a call refused before its answer began (REFUSED_STREAM,
+        # GOAWAY, a trailers-only UNAVAILABLE) never started, so it may move on.
+        await self._reader.start()
+
     async def __anext__(self) -> Event:
         while True:
             try:
@@ -584,7 +600,15 @@ async def open_client_over(
                     conn, endpoint, node_id, token=token, limits=limits, lease_ttl=lease_ttl
                 )
                 nursery = await stack.enter_async_context(trio.open_nursery())
-                await client._open_lease(client._root)
+                # A peer whose HTTP/2 stack answers but whose service does not
+                # must not hold the caller at the door: opening is bounded.
+                with trio.move_on_after(limits.handshake_timeout) as opening:
+                    await client._open_lease(client._root)
+                if opening.cancelled_caught:
+                    raise PeerTimeoutError(
+                        f"{endpoint.authority} did not answer the client's opening Lease "
+                        f"call within {limits.handshake_timeout:g}s (Limits.handshake_timeout)"
+                    )
                 if client._leases_supported:
                     nursery.start_soon(client._renew_leases)
             try:
@@ -605,7 +629,9 @@ async def _open_client(
     limits: Limits,
     lease_ttl: float,
 ) -> AsyncIterator[PeerClient]:
-    transport = await connect_tcp(endpoint.host, endpoint.port, ssl_context=tls)
+    transport = await connect_tcp(
+        endpoint.host, endpoint.port, ssl_context=tls, timeout=limits.handshake_timeout
+    )
     async with open_client_over(
         transport, endpoint, node_id, token=token, limits=limits, lease_ttl=lease_ttl
     ) as client:

@@ -227,7 +227,8 @@ class HttpPeerClient(MessageClient[_Response]):
         token: the bearer token; defaults to ``PEERFLOW_PEER_TOKEN``; None
             sends none.
         limits: ``max_message_size`` bounds an answer (or one streamed
-            line); ``keepalive_timeout`` bounds the goodbyes of closing.
+            line); ``handshake_timeout`` bounds opening a connection (TCP
+            and TLS); ``keepalive_timeout`` bounds the goodbyes of closing.
         lease_ttl: the TTL asked for this client's leases.
         max_connections: how many connections (so concurrent calls) at most.
 
@@ -400,8 +401,8 @@ class HttpPeerClient(MessageClient[_Response]):
         request = h11.Request(method="POST", target=target, headers=headers)
         conn = await self._checkout()
         try:
-            await conn.send(request, h11.Data(data=body), h11.EndOfMessage())
-            status = await _response_status(conn)
+            await conn.send(request)
+            status = await _send_body_reading_answer(conn, body)
         except BaseException:
             await trio.aclose_forcefully(conn.stream)
             raise
@@ -420,7 +421,9 @@ class HttpPeerClient(MessageClient[_Response]):
 
     async def _connect(self) -> _Connection:
         host, port = self.endpoint.host, self.endpoint.port
-        stream = await connect_tcp(host, port, ssl_context=self._tls)
+        stream = await connect_tcp(
+            host, port, ssl_context=self._tls, timeout=self._limits.handshake_timeout
+        )
         if isinstance(stream, trio.SSLStream) and stream.selected_alpn_protocol() == "h2":
             await trio.aclose_forcefully(stream)
             raise PeerTransportError(
@@ -428,6 +431,40 @@ class HttpPeerClient(MessageClient[_Response]):
                 'a TLS context offering "http/1.1" (load_client_tls(..., alpn=("http/1.1",)))'
             )
         return _Connection(stream, self.endpoint.authority)
+
+
+async def _send_body_reading_answer(conn: _Connection, body: bytes) -> int:
+    """Send the request body while watching for the answer; return its status.
+
+    A peer may answer before it has read the body: a ``413`` for a body over
+    its limit, which it then reads (and drops) only for a while before it
+    closes the connection. Waiting to finish sending first would run into
+    that close as a reset, losing the answer; so the answer is read as the
+    body goes out (h11 allows an early response), and an early refusal stops
+    the sending. The connection is then not reusable and gets closed.
+    """
+    send_failure: PeerTransportError | None = None
+
+    async def send_body() -> None:
+        nonlocal send_failure
+        try:
+            await conn.send(h11.Data(data=body), h11.EndOfMessage())
+        except PeerTransportError as exc:
+            # The peer may have answered before it closed: let the reader say.
+            send_failure = exc
+
+    with collapse_excgroups():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send_body)
+            try:
+                status = await _response_status(conn)
+            except PeerTransportError:
+                if send_failure is not None:
+                    raise send_failure from None
+                raise
+            if status != 200:
+                nursery.cancel_scope.cancel()  # refused: the rest of the body is not wanted
+    return status
 
 
 async def _response_status(conn: _Connection) -> int:

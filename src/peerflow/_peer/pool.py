@@ -98,10 +98,16 @@ class PeerPool:
     """Invoke sub-workflows on several peers, and route each ref back to its node.
 
     ``async with PeerPool([endpoint, ...], node_id) as pool:`` connects to
-    every endpoint (entering fails only when none can be reached) and keeps
-    the connections healthy until the block ends; leaving it closes them,
-    which releases the ``UNTIL_PARENT_FINISH`` refs handed out through the
-    pool. The call methods are those of :class:`~peerflow.PeerClient`.
+    every endpoint and keeps the connections healthy until the block ends;
+    leaving it closes them, which releases the ``UNTIL_PARENT_FINISH`` refs
+    handed out through the pool. The call methods are those of
+    :class:`~peerflow.PeerClient`.
+
+    Entering waits for each endpoint's first connection attempt, but once
+    one peer is up, the others get only ``health_timeout`` more: a silent
+    peer is left unhealthy (and retried in the background) rather than
+    holding up the pool. Entering fails only when no peer can be reached;
+    each connect is bounded by ``limits.handshake_timeout``.
 
     Args:
         endpoints: ``http://host:port`` or ``https://host:port`` URLs.
@@ -182,8 +188,7 @@ class PeerPool:
             async with trio.open_nursery() as nursery:
                 for member in self._members:
                     nursery.start_soon(self._keep_connected, member)
-                for member in self._members:
-                    await member.tried_once.wait()
+                await self._wait_first_attempts()
                 if not any(member.usable for member in self._members):
                     nursery.cancel_scope.cancel()
                     raise PeerUnavailableError(
@@ -193,6 +198,33 @@ class PeerPool:
                     yield self
                 finally:
                     nursery.cancel_scope.cancel()
+
+    async def _wait_first_attempts(self) -> None:
+        """Wait for every endpoint's first connection attempt, but not for a silent one.
+
+        Once one peer is usable, the others get ``health_timeout`` more to
+        connect: a peer that accepts but never answers (its connect is
+        bounded only by ``limits.handshake_timeout``) must not hold up the
+        pool. Such a peer stays unhealthy, and its task keeps trying.
+        """
+        with trio.CancelScope() as waiting:
+
+            async def first_attempt(member: _Member) -> None:
+                await member.tried_once.wait()
+                if member.usable:
+                    waiting.deadline = min(
+                        waiting.deadline, trio.current_time() + self._health_timeout
+                    )
+
+            async with trio.open_nursery() as nursery:
+                for member in self._members:
+                    nursery.start_soon(first_attempt, member)
+        for member in self._members:
+            if not member.tried_once.is_set() and member.failure is None:
+                member.failure = PeerTimeoutError(
+                    f"{member.endpoint} did not connect within {self._health_timeout:g}s "
+                    "of the first peer of the pool (still trying)"
+                )
 
     async def _keep_connected(self, member: _Member) -> None:
         delay = self._reconnect_delay
@@ -349,24 +381,36 @@ class PeerPool:
     ) -> AsyncIterator[StreamCall]:
         """Stream a sub-workflow's events from the least busy healthy peer.
 
-        See :meth:`PeerClient.stream_sub_workflow`. Only a call refused while
-        opening moves on to another peer: once events flow, it is this one's.
+        See :meth:`PeerClient.stream_sub_workflow`. Entering the block waits
+        for the peer's answer to begin; a call refused before that (the
+        stream refused, the peer UNAVAILABLE) moves on to another peer, and
+        the timeout covers every attempt. Once the answer has begun, the call
+        is this peer's.
         """
         step_ids = list(step_ids) if not isinstance(step_ids, str) else step_ids
+        deadline = math.inf if timeout is None else trio.current_time() + timeout
         tried: list[_Member] = []
         while True:
             member, client = self._choose(tried)
+            remaining = None if timeout is None else max(0.0, deadline - trio.current_time())
             entered = False
             member.outstanding += 1
             try:
                 async with client.stream_sub_workflow(
-                    workflow_name, step_ids, input, timeout=timeout
+                    workflow_name, step_ids, input, timeout=remaining
                 ) as call:
+                    # The call has started only once its answer has: a stream
+                    # refused before that (REFUSED_STREAM, UNAVAILABLE) is
+                    # handed to the next peer, as an invoke would be.
+                    await call._wait_started()
                     entered = True
                     yield call
-            except PeerUnavailableError:
+            except PeerUnavailableError as exc:
                 if entered:
                     raise
+                self._log.info(
+                    "stream not taken by %s, trying another peer: %s", member.endpoint, exc
+                )
                 member.broken.set()
                 tried.append(member)
                 continue

@@ -330,6 +330,10 @@ class EventStreamCall:
             self._adopt(message)
 
 
+def _timed_out(method: str, timeout: float | None) -> PeerTimeoutError:
+    return PeerTimeoutError(f"{method} timed out after {timeout:g}s")
+
+
 class MessageClient(abc.ABC, Generic[R]):
     """The :class:`~peerflow.PeerClient` methods, once for the HTTP/JSON and WebSocket clients.
 
@@ -396,10 +400,14 @@ class MessageClient(abc.ABC, Generic[R]):
             PeerTransportError: the connection failed.
         """
         scope = self._scopes.current()
-        body = await self._invoke_body(workflow_name, step_ids, input, timeout, scope)
-        response = await self._unary("InvokeSubWorkflow", body, SubWorkflowResponse, timeout)
-        self._scopes.adopt(scope, response)
-        return response
+        # One deadline for all the call waits for: a lease opened (or
+        # renewed) on the way counts against it too.
+        with deadline_scope(timeout):
+            body = await self._invoke_body(workflow_name, step_ids, input, timeout, scope)
+            response = await self._unary("InvokeSubWorkflow", body, SubWorkflowResponse, None)
+            self._scopes.adopt(scope, response)
+            return response
+        raise _timed_out("InvokeSubWorkflow", timeout)
 
     @asynccontextmanager
     async def stream_sub_workflow(
@@ -420,15 +428,15 @@ class MessageClient(abc.ABC, Generic[R]):
             The same errors as :meth:`invoke_sub_workflow`.
         """
         scope = self._scopes.current()
-        body = await self._invoke_body(workflow_name, step_ids, input, timeout, scope)
         with deadline_scope(timeout) as timer:
+            body = await self._invoke_body(workflow_name, step_ids, input, timeout, scope)
             async with self._open_call("StreamSubWorkflow", body) as call:
                 yield EventStreamCall(
                     lambda: self._next_stream_message(call),
                     lambda message: self._scopes.adopt(scope, message),
                 )
         if timer.cancelled_caught:
-            raise PeerTimeoutError(f"StreamSubWorkflow timed out after {timeout:g}s")
+            raise _timed_out("StreamSubWorkflow", timeout)
 
     async def deref_session_ref(self, ref_uuid: str, *, timeout: float | None = None) -> bytes:
         """Fetch a remote ref's serialized bytes.
@@ -458,20 +466,22 @@ class MessageClient(abc.ABC, Generic[R]):
             The same errors as :meth:`deref_session_ref`.
         """
         body = self._encode(DerefSessionRefRequest(ref_uuid))
-        await self._before_call()
         with deadline_scope(timeout) as timer:
+            await self._before_call()
             async with self._open_call("DerefSessionRef", body) as call:
                 yield self._chunks(call)
         if timer.cancelled_caught:
-            raise PeerTimeoutError(f"DerefSessionRef timed out after {timeout:g}s")
+            raise _timed_out("DerefSessionRef", timeout)
 
     async def release_session_ref(self, ref_uuid: str, *, timeout: float | None = None) -> bool:
         """Release a remote ref; True if the peer found and dropped it."""
         body = self._encode(ReleaseSessionRefRequest(ref_uuid))
-        await self._before_call()
-        response = await self._unary("ReleaseSessionRef", body, ReleaseSessionRefResponse, timeout)
-        self._scopes.forget(ref_uuid)
-        return response.released
+        with deadline_scope(timeout):
+            await self._before_call()
+            response = await self._unary("ReleaseSessionRef", body, ReleaseSessionRefResponse, None)
+            self._scopes.forget(ref_uuid)
+            return response.released
+        raise _timed_out("ReleaseSessionRef", timeout)
 
     async def _invoke_body(
         self,
@@ -484,13 +494,18 @@ class MessageClient(abc.ABC, Generic[R]):
         if isinstance(step_ids, str):
             raise TypeError("step_ids must be a list of step ids, not one str")
         await self._before_call()
+        lease_id = await self._scopes.lease_id_for(scope)
+        # What is left of the call's deadline once the lease is set up.
+        deadline = trio.current_effective_deadline()
         return self._encode(
             InvokeSubWorkflowRequest(
                 workflow_name,
                 tuple(step_ids),
                 input,
-                timeout_ms=None if timeout is None else math.ceil(timeout * 1000),
-                lease_id=await self._scopes.lease_id_for(scope),
+                timeout_ms=None
+                if timeout is None
+                else max(0, math.ceil((deadline - trio.current_time()) * 1000)),
+                lease_id=lease_id,
             )
         )
 

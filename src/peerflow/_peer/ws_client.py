@@ -173,8 +173,9 @@ class WebSocketPeerClient(MessageClient[_CallReader]):
                 how).
             PeerUnavailableError: on entering the block, when the peer closes
                 the connection (or it is lost) before the WebSocket is open.
-            PeerTimeoutError: on entering the block, when the peer does not
-                answer the handshake within ``limits.handshake_timeout``.
+            PeerTimeoutError: on entering the block, when the TCP connect
+                with its TLS handshake, or then the WebSocket handshake, takes
+                longer than ``limits.handshake_timeout``.
         """
         endpoint, prefix = parse_base_url(url, websocket=True)
         if endpoint.scheme == "https" and tls is None:
@@ -519,7 +520,9 @@ async def _open(
     limits: Limits,
     lease_ttl: float,
 ) -> AsyncIterator[WebSocketPeerClient]:
-    transport = await connect_tcp(endpoint.host, endpoint.port, ssl_context=tls)
+    transport = await connect_tcp(
+        endpoint.host, endpoint.port, ssl_context=tls, timeout=limits.handshake_timeout
+    )
     if isinstance(transport, trio.SSLStream) and transport.selected_alpn_protocol() == "h2":
         await trio.aclose_forcefully(transport)
         raise PeerTransportError(

@@ -20,7 +20,7 @@ from typing import final
 
 import trio
 
-from ..errors import PeerTransportError
+from ..errors import PeerTimeoutError, PeerTransportError
 from .config import H2Settings
 from .h2conn import StreamHandler, serve_h2_connection
 from .mapping import collapse_excgroups, map_exceptions
@@ -361,14 +361,32 @@ async def connect_tcp(
     *,
     ssl_context: ssl.SSLContext | None = None,
     server_hostname: str | None = None,
+    timeout: float | None = None,
 ) -> trio.abc.Stream:
     """Open a TCP connection (with TLS when ``ssl_context`` is given).
+
+    ``timeout`` bounds the whole of it, TCP connect and TLS handshake: a
+    peer that accepts but never speaks TLS would otherwise hold the caller
+    forever.
 
     Raises:
         PeerTransportError: the connection was refused or failed, or the TLS
             handshake failed; the message names ``host:port``.
-        PeerTimeoutError: a deadline set by the caller passed.
+        PeerTimeoutError: ``timeout`` passed first (or a deadline set by the
+            caller did).
     """
+    with trio.move_on_after(math.inf if timeout is None else timeout):
+        return await _connect_tcp(host, port, ssl_context, server_hostname)
+    raise PeerTimeoutError(
+        f"cannot connect to {host}:{port}: no connection"
+        + (" and TLS handshake" if ssl_context is not None else "")
+        + f" within {timeout:g}s"
+    )
+
+
+async def _connect_tcp(
+    host: str, port: int, ssl_context: ssl.SSLContext | None, server_hostname: str | None
+) -> trio.abc.Stream:
     with map_exceptions(f"cannot connect to {host}:{port}"):
         stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
     if ssl_context is None:
