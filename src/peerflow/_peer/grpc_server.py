@@ -19,7 +19,7 @@ from typing import Final, final
 import trio
 
 from .._engine.events import Event, event_to_wire
-from .._transport.h2conn import ServerStream
+from .._transport.h2conn import ErrorCodes, ServerStream
 from .._wire import grpc
 from .._wire.codec import (
     decode_message,
@@ -211,6 +211,30 @@ class GrpcHandler:
     def _trailers_only(stream: ServerStream, trailers: list[tuple[bytes, bytes]]) -> None:
         stream.send_headers([*_RESPONSE_HEADERS, *trailers], end_stream=True)
 
+    async def _send(self, stream: ServerStream, data: bytes | memoryview) -> None:
+        """Send part of a streamed response, or give up on a client that stopped reading.
+
+        Flow control would otherwise hold the call, and all a run streams
+        meanwhile, for as long as the connection lives. As the HTTP/1.1 and
+        WebSocket front ends do, a message that the client does not take
+        within ``request_timeout`` ends the call, which cancels its run. The
+        stream is reset (CANCEL), not ended with a status: part of the
+        message may be out, and trailers after it would read as a
+        truncated message.
+
+        Raises:
+            PeerTimeoutError: the client did not take the message in time.
+            PeerTransportError: the stream was reset or the connection failed.
+        """
+        timeout = self._limits.request_timeout
+        with trio.move_on_after(timeout):
+            await stream.send_data(data)
+            return
+        stream.reset(ErrorCodes.CANCEL)
+        raise PeerTimeoutError(
+            f"the client stopped reading the response ({timeout:g}s without taking a message)"
+        )
+
     @staticmethod
     async def _unary_reply(stream: ServerStream, body: bytes) -> None:
         await stream.send_response(_RESPONSE_HEADERS, encode_frame(body), _OK_TRAILERS)
@@ -234,11 +258,11 @@ class GrpcHandler:
         async def forward(event: Event) -> None:
             wire = event_to_wire(event)
             message = StreamEvent(wire["event_type"], wire["data"])
-            await stream.send_data(encode_frame(encode_stream_message(message)))
+            await self._send(stream, encode_frame(encode_stream_message(message)))
 
         response = await self._service.invoke(request, caller, deadline=deadline, on_event=forward)
         body = encode_response(encode_stream_message, response)
-        await stream.send_data(encode_frame(body))
+        await self._send(stream, encode_frame(body))
         stream.send_trailers(_OK_TRAILERS)
 
     async def _deref(
@@ -251,9 +275,9 @@ class GrpcHandler:
             header = encode_deref_chunk_header(len(piece), type_tag=tag, total_size=total)
             # Prefix and chunk header go first, then the slice itself: the
             # value's bytes are never copied into a message.
-            await stream.send_data(encode_frame_prefix(len(header) + len(piece)) + header)
+            await self._send(stream, encode_frame_prefix(len(header) + len(piece)) + header)
             if piece:
-                await stream.send_data(piece)
+                await self._send(stream, piece)
         stream.send_trailers(_OK_TRAILERS)
 
     async def _release(

@@ -70,6 +70,9 @@ _FRAME_HEADER = struct.Struct(">HBBBL")
 _DATA = 0x0
 _HEADERS = 0x1
 _CONTINUATION = 0x9
+_PUSH_PROMISE = 0x5
+# Frames that carry a header block (refused early when it grows too big).
+_HEADER_BLOCK_KINDS = frozenset({_HEADERS, _PUSH_PROMISE, _CONTINUATION})
 _END_STREAM_FLAG = 0x1
 _END_HEADERS_FLAG = 0x4
 _PADDED_FLAG = 0x8
@@ -271,18 +274,44 @@ class _CachingDecoder(hpack.Decoder):
 
 
 class _FrameBuffer(h2.frame_buffer.FrameBuffer):
-    """h2's frame buffer, refusing an oversized frame from its 9-byte header.
+    """h2's frame buffer, refusing an oversized frame or header block from a 9-byte header.
 
     h2 checks a frame's length only once the whole frame has arrived, so a
     header announcing 16 MiB would be buffered up to 16 MiB before the
     FRAME_SIZE_ERROR. Checking the announced length first bounds the buffer
     by the advertised maximum frame size.
+
+    h2 also checks a header block's size only once it has ended, after up
+    to 64 CONTINUATION frames: 64 MiB with 1 MiB frames (the "CONTINUATION
+    flood"). A frame that would take the block beyond ``max_header_block``
+    is refused from its header, with GOAWAY(ENHANCE_YOUR_CALM): the block
+    cannot be skipped, since the HPACK context needs all of it (RFC 9113
+    10.5.1), so the connection ends.
     """
 
+    max_header_block = 2**32
+
     def __next__(self) -> hyperframe.frame.Frame:
-        if len(self._data) >= 9:
-            self._validate_frame_length(int.from_bytes(self._data[:3], "big"))
+        data = self._data
+        if len(data) >= 9:
+            length = int.from_bytes(data[:3], "big")
+            self._validate_frame_length(length)
+            if data[3] in _HEADER_BLOCK_KINDS:
+                block = length + sum(len(frame.data) for frame in self._headers_buffer)
+                if block > self.max_header_block:
+                    raise h2.exceptions.DenialOfServiceError(
+                        f"header block of at least {block} bytes exceeds the limit of "
+                        f"{self.max_header_block}"
+                    )
         return super().__next__()
+
+
+def _header_block_limit(max_header_list_size: int) -> int:
+    # The encoded block bound for a decoded list of max_header_list_size. A
+    # field costs its name and value plus 32 decoded; encoded, at most 11
+    # bytes of prefixes plus 30 bits per octet (HPACK's longest Huffman
+    # code), so under 4x. The slack covers HEADERS padding and priority.
+    return 4 * max_header_list_size + 1024
 
 
 class _ReceivedFrame:
@@ -335,6 +364,7 @@ class _H2Connection(h2.connection.H2Connection):
     """
 
     _output: list[bytes | memoryview]
+    incoming_buffer: _FrameBuffer
 
     def __init__(self, config: h2.config.H2Configuration) -> None:
         self._output = []
@@ -365,10 +395,13 @@ class _H2Connection(h2.connection.H2Connection):
         size = len(view)
         pos = 0
         max_size = self.max_inbound_frame_size
+        max_block = buffer.max_header_block
         try:
             while size - pos >= 9:
                 length = view[pos] << 16 | view[pos + 1] << 8 | view[pos + 2]
-                if length > max_size:
+                if length > max_size or (
+                    length > max_block and view[pos + 3] in _HEADER_BLOCK_KINDS
+                ):
                     # h2 refuses it from its header; hand over the rest.
                     events += super().receive_data(view[pos:])
                     pos = size
@@ -1086,6 +1119,7 @@ class _Connection:
         h2c.local_settings = h2.settings.Settings(client=client_side, initial_values=initial)
         h2c.max_inbound_frame_size = settings.max_frame_size
         h2c.decoder.max_header_list_size = settings.max_header_list_size
+        h2c.incoming_buffer.max_header_block = _header_block_limit(settings.max_header_list_size)
         self._h2 = h2c
         self._streams: dict[int, Any] = {}
         self._outq: deque[bytes | memoryview] = deque()
@@ -1367,7 +1401,21 @@ class _Connection:
                 )
                 return
         while await self._read_once():
-            pass
+            if self._outq_bytes > self._settings.write_buffer_size and not self._client_side:
+                await self._wait_peer_reads()
+
+    async def _wait_peer_reads(self) -> None:
+        # A peer that sends without reading (a PING or SETTINGS flood, or
+        # requests whose answers it never takes) would grow our queue of
+        # replies without bound. So a server stops reading until the queue
+        # drains below the write buffer, and TCP pushes back on the peer; a
+        # peer that never drains it is then dropped by the keepalive, which
+        # sees no activity. One read follows each drain, so a sender that
+        # refills the queue at once cannot starve the reader. Only a server
+        # does this: if both ends stopped reading while sending, each would
+        # wait for the other forever.
+        if self._error is None:
+            await self._drain_lot.park()
 
     async def _read_once(self) -> bool:
         try:
