@@ -11,6 +11,7 @@ from __future__ import annotations
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 import trio
@@ -18,12 +19,15 @@ import trio.testing
 import trio_websocket
 
 import peerflow
-from peerflow import HttpPeerClient, Limits, PeerClient
+from peer_steps import Probe, build_steps
+from peerflow import HttpPeerClient, Limits, PeerClient, PeerServer
 from peerflow._peer import http_client
 from peerflow._peer.client import Endpoint, open_client_over
+from peerflow._peer.grpc_server import GrpcHandler
 from peerflow._peer.ws_client import open_websocket_client_over
 from peerflow._peer.ws_frames import SUBPROTOCOL
 from peerflow._transport.h2conn import ServerStream, serve_h2_connection
+from peerflow.testing import open_memory_peer
 
 HANDSHAKE = 3.0
 LIMITS = Limits(handshake_timeout=HANDSHAKE)
@@ -47,7 +51,7 @@ async def test_opening_a_peer_client_is_bounded_when_the_peer_never_answers_call
     async with trio.open_nursery() as nursery:
         nursery.start_soon(serve_h2_connection, server_stream, never)
         start = trio.current_time()
-        with pytest.raises(peerflow.PeerTimeoutError, match="opening Lease") as info:
+        with pytest.raises(peerflow.PeerTimeoutError, match="did not answer a Lease call") as info:
             async with open_client_over(
                 client_stream,
                 Endpoint("http", "memory", 1),
@@ -60,6 +64,41 @@ async def test_opening_a_peer_client_is_bounded_when_the_peer_never_answers_call
         assert trio.current_time() - start == pytest.approx(HANDSHAKE)
         assert "handshake_timeout" in str(info.value)
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("stuck", ["ref_scope", "renewal"])
+async def test_a_lease_call_the_peer_sits_on_does_not_hold_the_client(
+    stuck: str, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    # The client's opening Lease is answered; later ones never are.
+    answered = GrpcHandler._lease
+    lease_calls = 0
+
+    async def lease(self: GrpcHandler, *args: Any) -> None:
+        nonlocal lease_calls
+        lease_calls += 1
+        if lease_calls == 1:
+            await answered(self, *args)
+        else:
+            await trio.sleep_forever()
+
+    monkeypatch.setattr(GrpcHandler, "_lease", lease)
+    server = PeerServer("node-b", registry=build_steps(Probe()), token=None)
+    async with open_memory_peer(server, "node-a", limits=LIMITS, lease_ttl=30) as client:
+        start = trio.current_time()
+        if stuck == "ref_scope":
+            with pytest.raises(peerflow.PeerTimeoutError, match="handshake_timeout"):
+                async with client.ref_scope():
+                    pass
+            assert trio.current_time() - start == pytest.approx(HANDSHAKE)
+        else:
+            # Renewals come every lease_ttl / 3; one the peer sits on is given
+            # up after keepalive_timeout, and the next still goes out.
+            await trio.sleep(60)
+            assert lease_calls >= 3
+        # Either way the client still calls.
+        response = await client.invoke_sub_workflow("w", ["echo"], 1, timeout=5)
+        assert response.result == 1
 
 
 async def test_a_tls_handshake_the_peer_never_answers_times_out(nursery: trio.Nursery) -> None:

@@ -194,6 +194,11 @@ class PeerClient:
 
         Leaving the block releases them on the peer. Calls made from tasks
         started inside the block belong to it too.
+
+        Raises:
+            PeerTimeoutError: the peer did not answer the scope's ``Lease``
+                call within ``limits.handshake_timeout``.
+            PeerTransportError: the ``Lease`` call failed.
         """
         scope = _Scope(str(uuid.uuid4()))
         await self._open_lease(scope)
@@ -206,16 +211,26 @@ class PeerClient:
                 await self._close_scope(scope)
 
     async def _open_lease(self, scope: _Scope) -> None:
+        # A peer whose HTTP/2 stack answers but whose service does not must
+        # not hold the caller at the door: opening a scope is bounded.
         self._scopes[scope.lease_id] = scope
         if not self._leases_supported:
             return
         try:
-            await self._lease(LeaseRequest(scope.lease_id, int(self._lease_ttl * 1000)))
+            with trio.move_on_after(self._limits.handshake_timeout) as opening:
+                await self._lease(LeaseRequest(scope.lease_id, int(self._lease_ttl * 1000)))
         except PeerTransportError as exc:
             if "UNIMPLEMENTED" not in str(exc):
+                del self._scopes[scope.lease_id]
                 raise
             # A minimal peer: refs are then released one by one at scope exit.
             self._leases_supported = False
+        if opening.cancelled_caught:
+            del self._scopes[scope.lease_id]
+            raise PeerTimeoutError(
+                f"{self.endpoint.authority} did not answer a Lease call within "
+                f"{self._limits.handshake_timeout:g}s (Limits.handshake_timeout)"
+            )
 
     async def _close_scope(self, scope: _Scope) -> None:
         self._scopes.pop(scope.lease_id, None)
@@ -237,10 +252,16 @@ class PeerClient:
             if not self._leases_supported:
                 return
             for scope in list(self._scopes.values()):
-                try:
-                    await self._lease(LeaseRequest(scope.lease_id, int(self._lease_ttl * 1000)))
-                except PeerError as exc:
-                    self._log.warning("lease renewal failed: %s", exc)
+                # One renewal the peer sits on must not starve the others.
+                with trio.move_on_after(self._limits.keepalive_timeout) as renewing:
+                    try:
+                        await self._lease(LeaseRequest(scope.lease_id, int(self._lease_ttl * 1000)))
+                    except PeerError as exc:
+                        self._log.warning("lease renewal failed: %s", exc)
+                if renewing.cancelled_caught:
+                    self._log.warning(
+                        "lease renewal got no answer within %gs", self._limits.keepalive_timeout
+                    )
 
     # -- calls -----------------------------------------------------------------
 
@@ -600,15 +621,7 @@ async def open_client_over(
                     conn, endpoint, node_id, token=token, limits=limits, lease_ttl=lease_ttl
                 )
                 nursery = await stack.enter_async_context(trio.open_nursery())
-                # A peer whose HTTP/2 stack answers but whose service does not
-                # must not hold the caller at the door: opening is bounded.
-                with trio.move_on_after(limits.handshake_timeout) as opening:
-                    await client._open_lease(client._root)
-                if opening.cancelled_caught:
-                    raise PeerTimeoutError(
-                        f"{endpoint.authority} did not answer the client's opening Lease "
-                        f"call within {limits.handshake_timeout:g}s (Limits.handshake_timeout)"
-                    )
+                await client._open_lease(client._root)
                 if client._leases_supported:
                     nursery.start_soon(client._renew_leases)
             try:
