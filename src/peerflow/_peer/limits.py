@@ -43,6 +43,9 @@ class Limits:
         max_deref_chunk: the largest payload slice in one deref message.
         refs_per_caller: refs one caller identity may hold at once.
         ref_capacity: refs the whole peer may hold at once.
+        leases_per_caller: leases one caller identity may hold open at once;
+            opening one more is refused with RESOURCE_EXHAUSTED.
+        lease_capacity: leases the whole peer may hold open at once.
         lease_ttl: the TTL of a lease that a call names before it was opened.
         min_lease_ttl: the shortest TTL granted to a lease.
         max_lease_ttl: the longest TTL granted to a lease.
@@ -71,6 +74,8 @@ class Limits:
     max_deref_chunk: int = attrs.field(default=1 * _MIB, validator=_positive)
     refs_per_caller: int = attrs.field(default=10_000, validator=_positive)
     ref_capacity: int = attrs.field(default=100_000, validator=_positive)
+    leases_per_caller: int = attrs.field(default=1024, validator=_positive)
+    lease_capacity: int = attrs.field(default=100_000, validator=_positive)
     lease_ttl: float = attrs.field(default=60.0, validator=_positive)
     min_lease_ttl: float = attrs.field(default=1.0, validator=_positive)
     max_lease_ttl: float = attrs.field(default=3600.0, validator=_positive)

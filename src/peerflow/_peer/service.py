@@ -95,7 +95,9 @@ class PeerService:
         self.steps = steps
         self.refs = refs
         self.limits = limits
-        self.leases = LeaseTable(refs)
+        self.leases = LeaseTable(
+            refs, per_caller=limits.leases_per_caller, capacity=limits.lease_capacity
+        )
         self._workflows: dict[
             tuple[str, tuple[str, ...]], tuple[Workflow, tuple[StepSpec, ...]]
         ] = {}
@@ -149,6 +151,8 @@ class PeerService:
         Raises:
             PeerUnknownStepError: a step id is unknown; nothing ran.
             PeerTimeoutError: the caller's deadline passed first.
+            PeerLimitError: the request names a lease that is not open, and
+                the caller may open no more.
         """
         workflow = self.assemble(request)
         if request.timeout_ms is not None:
@@ -255,7 +259,12 @@ class PeerService:
         return self.refs.remove(ref_uuid, owner=caller.owner)
 
     def lease(self, request: LeaseRequest, caller: Caller) -> LeaseResponse:
-        """Open, renew or close one of the caller's leases."""
+        """Open, renew or close one of the caller's leases.
+
+        Raises:
+            PeerLimitError: the lease is new and the caller, or the peer,
+                holds as many open leases as its limit allows.
+        """
         if request.close:
             released = self.leases.close(caller.owner, request.lease_id)
             return LeaseResponse(request.lease_id, 0, released=released)
