@@ -16,6 +16,7 @@ import trio.testing
 from ._peer.client import Endpoint, PeerClient, open_client_over
 from ._peer.limits import Limits
 from ._peer.server import PeerServer
+from ._transport.mapping import collapse_excgroups
 
 __all__ = ["open_memory_peer", "sever"]
 
@@ -33,23 +34,26 @@ async def open_memory_peer(
 
     The server side runs in a task of this block (inside ``server.running()``
     unless the server already runs); leaving the block closes the client,
-    releasing its scope's refs, and then the connection.
+    releasing its scope's refs, and then the connection. A failure to
+    connect (a refused token, say) is raised as itself, as from
+    :meth:`PeerClient.connect`, not inside an exception group.
     """
-    async with AsyncExitStack() as stack:
-        if not server.running_now:
-            await stack.enter_async_context(server.running())
-        client_stream, server_stream = trio.testing.memory_stream_pair()
-        nursery = await stack.enter_async_context(trio.open_nursery())
-        nursery.start_soon(server.serve_stream, server_stream)
-        async with open_client_over(
-            client_stream,
-            Endpoint("http", "memory", 0),
-            node_id,
-            token=token,
-            limits=limits or Limits(),
-            lease_ttl=lease_ttl,
-        ) as client:
-            yield client
+    with collapse_excgroups():
+        async with AsyncExitStack() as stack:
+            if not server.running_now:
+                await stack.enter_async_context(server.running())
+            client_stream, server_stream = trio.testing.memory_stream_pair()
+            nursery = await stack.enter_async_context(trio.open_nursery())
+            nursery.start_soon(server.serve_stream, server_stream)
+            async with open_client_over(
+                client_stream,
+                Endpoint("http", "memory", 0),
+                node_id,
+                token=token,
+                limits=limits or Limits(),
+                lease_ttl=lease_ttl,
+            ) as client:
+                yield client
 
 
 async def sever(client: PeerClient) -> None:

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 import peerflow
 from peerflow import PeerAuthError, peer_token_env, resolve_peer_token
 from peerflow._peer.auth import bearer_header, check_bearer, token_principal
+from peerflow.testing import open_memory_peer
 
 tokens = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=64)
 
@@ -135,3 +136,11 @@ def test_token_principal_is_stable_distinct_and_hides_the_token() -> None:
 @given(a=tokens, b=tokens)
 def test_token_principals_collide_only_for_equal_tokens(a: str, b: str) -> None:
     assert (token_principal(a) == token_principal(b)) == (a == b)
+
+
+@pytest.mark.parametrize("token", ["s3cret"])
+async def test_a_refused_memory_client_raises_the_error_itself(server: peerflow.PeerServer) -> None:
+    # As PeerClient.connect does: one error, not a group of one.
+    with pytest.raises(PeerAuthError):
+        async with open_memory_peer(server, "node-a", token="wrong"):
+            pass

@@ -32,7 +32,9 @@ class Limits:
         max_concurrent_streams: calls one connection may have in flight.
         max_connections: connections served at once; more wait to be accepted.
         max_header_list_size: the largest request header block accepted.
-        handshake_timeout: time a new connection has to send its preface.
+        handshake_timeout: time a new connection has to send its preface;
+            for a client, the time to connect (TLS included) and to have
+            a scope's opening ``Lease`` call answered.
         request_timeout: time a call has to deliver its whole request message;
             a body that trickles in slower is cut off (DEADLINE_EXCEEDED).
         idle_timeout: a connection with no calls for this long is closed.
