@@ -1,8 +1,7 @@
 """HTTP/1.1 connections drain when the server shuts down: answer what is in flight, refuse the rest.
 
-The connections are in-memory streams served by ``serve_stream``; cancelling
-them is what cancelling ``serve`` does to each connection, and MockClock
-makes the grace period exact.
+The server is a ``memory_peer``: shutting it down starts its drain, and
+MockClock makes the grace period exact.
 """
 
 from __future__ import annotations
@@ -10,12 +9,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import attrs
 import pytest
 import trio
 import trio.testing
 from raw_http import RawConnection, invoke, post
 
+from memory_peer import MemoryPeer, assert_no_trace, memory_peer, shutting_down_once_started
 from peer_steps import Probe
 from peerflow import HttpPeerClient, Limits, PeerServer, PeerTransportError
 from peerflow._peer import http_client
@@ -30,61 +29,26 @@ def limits() -> Limits:
     return Limits(drain_grace=GRACE)
 
 
-@attrs.define
-class MemoryPeer:
-    """A running server whose connections are in-memory streams.
+async def shut_down_during_a_slow_call(
+    peer: MemoryPeer, probe: Probe, seconds: float
+) -> tuple[RawConnection, float]:
+    """Start a ``slow`` call of ``seconds``, then shut ``peer`` down once it runs.
 
-    ``shut_down`` cancels every connection, as cancelling ``serve`` does;
-    ``stopped`` is set once all of them have ended.
+    Returns the call's connection and the time the drain began.
     """
-
-    server: PeerServer
-    stopped: trio.Event = attrs.field(factory=trio.Event)
-    connections: trio.Nursery | None = None
-
-    def connect(self) -> trio.abc.Stream:
-        assert self.connections is not None
-        if self.connections.cancel_scope.cancel_called:
-            raise PeerTransportError("cannot connect: the peer has stopped listening")
-        client_stream, server_stream = trio.testing.memory_stream_pair()
-        self.connections.start_soon(self.server.serve_stream, server_stream)
-        return client_stream
-
-    def shut_down(self) -> None:
-        assert self.connections is not None
-        self.connections.cancel_scope.cancel()
-
-    async def run(self, *, task_status: trio.TaskStatus[None]) -> None:
-        async with trio.open_nursery() as connections:
-            self.connections = connections
-            task_status.started()
-            await trio.sleep_forever()
-        self.stopped.set()
-
-
-@asynccontextmanager
-async def memory_peer(server: PeerServer) -> AsyncIterator[MemoryPeer]:
-    async with server.running(), trio.open_nursery() as nursery:
-        peer = MemoryPeer(server)
-        await nursery.start(peer.run)
-        yield peer
-        peer.shut_down()
-
-
-def assert_no_trace(server: PeerServer) -> None:
-    assert len(server.refs) == 0
-    assert server.refs.statistics().runs == 0
+    conn = RawConnection(peer.connect())
+    await conn.send(post("InvokeSubWorkflow", invoke(["slow"], seconds)))
+    await probe.started.wait()
+    start = trio.current_time()
+    peer.shut_down()
+    return conn, start
 
 
 async def test_a_call_in_flight_finishes_and_its_answer_closes_the_connection(
     server: PeerServer, probe: Probe, autojump_clock: trio.testing.MockClock
 ) -> None:
     async with memory_peer(server) as peer:
-        conn = RawConnection(peer.connect())
-        await conn.send(post("InvokeSubWorkflow", invoke(["slow"], 3)))
-        await probe.started.wait()
-        start = trio.current_time()
-        peer.shut_down()
+        conn, start = await shut_down_during_a_slow_call(peer, probe, 3)
         reply = await conn.reply()
         assert (reply.status, reply.json["result"]) == (200, "slept")
         assert reply.headers[b"connection"] == b"close"
@@ -142,11 +106,7 @@ async def test_a_call_past_the_grace_period_is_cancelled_and_answered_499(
     server: PeerServer, probe: Probe, autojump_clock: trio.testing.MockClock
 ) -> None:
     async with memory_peer(server) as peer:
-        conn = RawConnection(peer.connect())
-        await conn.send(post("InvokeSubWorkflow", invoke(["slow"], 100)))
-        await probe.started.wait()
-        start = trio.current_time()
-        peer.shut_down()
+        conn, start = await shut_down_during_a_slow_call(peer, probe, 100)
         reply = await conn.reply()
         assert trio.current_time() - start == pytest.approx(GRACE)
         assert (reply.status, reply.error_code) == (499, "cancelled")
@@ -219,8 +179,7 @@ async def test_the_client_gets_the_result_of_a_call_that_finishes_in_the_drain(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     async with memory_peer(server) as peer, memory_http_client(peer, monkeypatch) as client:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(shut_down_once_started, peer, probe)
+        async with shutting_down_once_started(peer, probe):
             response = await client.invoke_sub_workflow("w", ["slow"], 3)
         assert response.result == "slept"
         await peer.stopped.wait()
@@ -233,16 +192,10 @@ async def test_the_client_gets_a_typed_error_for_a_call_cut_off_by_the_drain(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     async with memory_peer(server) as peer, memory_http_client(peer, monkeypatch) as client:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(shut_down_once_started, peer, probe)
+        async with shutting_down_once_started(peer, probe):
             start = trio.current_time()
             with pytest.raises(PeerTransportError, match=r"CANCELLED.*drain grace period") as info:
                 await client.invoke_sub_workflow("w", ["slow"], 100)
         assert type(info.value) is PeerTransportError  # not "unavailable": the call had run
         assert trio.current_time() - start == pytest.approx(GRACE)
     assert probe.cancelled
-
-
-async def shut_down_once_started(peer: MemoryPeer, probe: Probe) -> None:
-    await probe.started.wait()
-    peer.shut_down()

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Hashable
+from collections.abc import AsyncIterator, Hashable
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -144,13 +145,21 @@ def test_limits_validate_the_lease_caps() -> None:
 # -- expiry ----------------------------------------------------------------------
 
 
+@asynccontextmanager
+async def reaping(table: LeaseTable) -> AsyncIterator[None]:
+    """``table``'s reaper runs while the block does."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(table.run_reaper)
+        yield
+        nursery.cancel_scope.cancel()
+
+
 async def test_leases_expire_in_deadline_order_and_renewals_push_them_back(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     refs = RecordingRegistry()
     table = LeaseTable(refs)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(table.run_reaper)
+    async with reaping(table):
         table.renew(A, "ten", 10)
         table.renew(A, "five", 5)
         table.renew(B, "twenty", 20)
@@ -159,7 +168,6 @@ async def test_leases_expire_in_deadline_order_and_renewals_push_them_back(
         table.renew(A, "five", 10)  # now due at 14
         table.renew(B, "twenty", 1)  # brought forward: due at 5
         await trio.sleep(30)
-        nursery.cancel_scope.cancel()
     assert refs.dropped == [
         (5.0, LeaseTable.key(B, "twenty")),
         (7.0, LeaseTable.key(B, "named")),
@@ -175,15 +183,13 @@ async def test_a_new_earlier_deadline_wakes_the_sleeping_reaper(
 ) -> None:
     refs = RecordingRegistry()
     table = LeaseTable(refs)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(table.run_reaper)
+    async with reaping(table):
         table.hold("connection")  # never due: the reaper sleeps with no deadline
         table.renew(A, "late", 100)
         await trio.sleep(1)
         table.renew(A, "soon", 2)
         table.expire_after("connection", 4)
         await trio.sleep(200)
-        nursery.cancel_scope.cancel()
     assert refs.dropped == [
         (3.0, LeaseTable.key(A, "soon")),
         (5.0, "connection"),

@@ -14,7 +14,7 @@ import trio
 import trio.testing
 import wsproto
 import wsproto.events
-from ws_helpers import open_memory_client
+from ws_helpers import client_over, open_memory_client
 
 import peerflow
 from peer_steps import Probe
@@ -27,8 +27,6 @@ from peerflow import (
     WebSocketPeerClient,
     Workflow,
 )
-from peerflow._peer.client import Endpoint
-from peerflow._peer.ws_client import open_websocket_client_over
 
 TIMEOUT = 20
 CONTEXT = "until_context_drop"
@@ -325,15 +323,7 @@ async def test_a_peer_that_stops_answering_pings_fails_the_calls(
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(silent_peer)
-        async with open_websocket_client_over(
-            client_stream,
-            Endpoint("http", "memory", 0),
-            "",
-            "node-a",
-            token=None,
-            limits=limits,
-            lease_ttl=30,
-        ) as client:
+        async with client_over(client_stream, limits=limits) as client:
             start = trio.current_time()
             with pytest.raises(peerflow.PeerTimeoutError, match="pings"):
                 await client.release_session_ref("x")
@@ -444,15 +434,7 @@ async def test_a_peer_that_never_answers_the_handshake_times_out(
         nursery.start_soon(mute_peer)
         start = trio.current_time()
         with pytest.raises(peerflow.PeerTimeoutError) as info:
-            async with open_websocket_client_over(
-                client_stream,
-                Endpoint("http", "memory", 0),
-                "",
-                "node-a",
-                token=None,
-                limits=limits,
-                lease_ttl=30,
-            ):
+            async with client_over(client_stream, limits=limits):
                 pass
         assert trio.current_time() - start == pytest.approx(3)
         assert str(info.value) == "the WebSocket handshake with memory:0 did not complete within 3s"
@@ -465,15 +447,7 @@ async def test_a_peer_that_closes_before_the_request_is_sent_is_unavailable(
     client_stream, server_stream = trio.testing.memory_stream_pair()
     await server_stream.aclose()
     with trio.fail_after(TIMEOUT), pytest.raises(peerflow.PeerUnavailableError) as info:
-        async with open_websocket_client_over(
-            client_stream,
-            Endpoint("http", "memory", 0),
-            "",
-            "node-a",
-            token=None,
-            limits=Limits(),
-            lease_ttl=30,
-        ):
+        async with client_over(client_stream):
             pass
     assert str(info.value).startswith(
         "memory:0 closed the connection before answering the WebSocket handshake"

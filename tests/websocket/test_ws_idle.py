@@ -11,17 +11,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import msgpack
 import pytest
 import trio
 import trio.testing
 import trio_websocket
-from ws_helpers import open_memory_client
+from ws_helpers import close_reason, frame, invoke_call, open_memory_client, raw_websocket_over
 
 from peer_steps import Probe, build_steps
 from peerflow import Limits, PeerServer, PeerTransportError
-from peerflow._wire.codec import encode_message
-from peerflow._wire.envelopes import InvokeSubWorkflowRequest
 
 IDLE = 10.0
 NORMAL_CLOSURE = 1000
@@ -48,29 +45,10 @@ async def open_websocket(
     with trio.fail_after(10 * IDLE):
         async with server.running(), trio.open_nursery() as nursery:
             nursery.start_soon(serve, server_stream)
-            ws = await trio_websocket.wrap_client_stream(
-                nursery,
-                client_stream,  # type: ignore[arg-type]
-                "memory",
-                "/peerflow.peer.v1/ws",
-                subprotocols=["peerflow.v1"],
-                extra_headers=[(b"x-peerflow-peer-node-id", b"raw")],
-            )
+            ws = await raw_websocket_over(nursery, client_stream)
             yield ws
             await ws.aclose()
             nursery.cancel_scope.cancel()
-
-
-def call(frame_id: int, step_ids: list[str], value: Any = None) -> bytes:
-    body = encode_message(InvokeSubWorkflowRequest("w", tuple(step_ids), value))
-    return msgpack.packb({"v": 1, "id": frame_id, "method": "InvokeSubWorkflow", "body": body})
-
-
-async def frame(ws: trio_websocket.WebSocketConnection) -> dict[str, Any]:
-    message = await ws.get_message()
-    assert isinstance(message, bytes)
-    decoded: dict[str, Any] = msgpack.unpackb(message)
-    return decoded
 
 
 async def answer(
@@ -86,13 +64,6 @@ async def answer(
 
 def _ends(got: dict[str, Any]) -> bool:
     return bool(got.get("end")) or "status" in got
-
-
-async def close_reason(ws: trio_websocket.WebSocketConnection) -> trio_websocket.CloseReason:
-    with pytest.raises(trio_websocket.ConnectionClosed) as closed:
-        await ws.get_message()
-    assert closed.value.reason is not None
-    return closed.value.reason
 
 
 async def test_an_unused_websocket_closes_at_the_idle_timeout_with_1000(
@@ -117,7 +88,7 @@ async def test_the_idle_clock_restarts_when_the_last_call_ends(
     served = trio.Event()
     async with open_websocket(server, served) as ws:
         await trio.sleep(IDLE - 1)
-        await ws.send_message(call(1, ["echo"], 1))
+        await ws.send_message(invoke_call(1, ["echo"], 1))
         assert (await answer(ws, 1)).keys() == {1}
         ended = trio.current_time()
         assert (await close_reason(ws)).code == NORMAL_CLOSURE
@@ -131,8 +102,8 @@ async def test_a_long_call_in_flight_keeps_the_websocket_open(
     async with open_websocket(server, served) as ws:
         start = trio.current_time()
         # Two overlapping calls: the connection is idle only after the later one.
-        await ws.send_message(call(1, ["slow"], 3 * IDLE))
-        await ws.send_message(call(2, ["slow"], IDLE / 2))
+        await ws.send_message(invoke_call(1, ["slow"], 3 * IDLE))
+        await ws.send_message(invoke_call(2, ["slow"], IDLE / 2))
         frames = await answer(ws, 1, 2)
         assert [got["id"] for got in frames[1]] == [1, 1]  # a message, then the end
         assert frames[1][-1] == {"v": 1, "id": 1, "end": True}

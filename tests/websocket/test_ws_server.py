@@ -13,13 +13,13 @@ import trio.testing
 import trio_websocket
 import wsproto
 import wsproto.events
-from ws_helpers import memory_transport
+from ws_helpers import call, frame, invoke, memory_transport
 from ws_helpers import open_raw_websocket as open_abandoned_websocket
 
 from peer_steps import Probe, build_steps
 from peerflow import Limits, PeerServer
-from peerflow._wire.codec import decode_message, encode_message
-from peerflow._wire.envelopes import ErrorDetails, InvokeSubWorkflowRequest
+from peerflow._wire.codec import decode_message
+from peerflow._wire.envelopes import ErrorDetails
 
 
 @asynccontextmanager
@@ -36,27 +36,15 @@ async def open_raw_websocket(
         await ws.aclose()
 
 
-def call(frame_id: Any, method: str, body: bytes, **extra: Any) -> bytes:
-    return msgpack.packb({"v": 1, "id": frame_id, "method": method, "body": body, **extra})
-
-
-def invoke(step_ids: list[str], value: Any = None) -> bytes:
-    return encode_message(InvokeSubWorkflowRequest("w", tuple(step_ids), value))
-
-
-async def frame(ws: trio_websocket.WebSocketConnection) -> dict[str, Any]:
-    message = await ws.get_message()
-    assert isinstance(message, bytes)
-    decoded: dict[str, Any] = msgpack.unpackb(message)
-    return decoded
-
-
 def details(error_frame: dict[str, Any]) -> ErrorDetails:
     return decode_message(ErrorDetails, error_frame["error"])
 
 
 async def close_code(ws: trio_websocket.WebSocketConnection) -> int | None:
-    """Read until the server closes the connection; return its close code."""
+    """Read until the server closes the connection; return its close code.
+
+    Unlike ``ws_helpers.close_reason``, frames that come before the close are passed over.
+    """
     while True:
         try:
             await ws.get_message()
