@@ -180,6 +180,30 @@ async def test_parent_scope_binds_parent_finish_refs(
     assert list(refs._entries) == [result.result["until_explicit_drop"]]
 
 
+async def test_a_child_run_in_a_step_uses_its_parents_registry(
+    registry: StepRegistry, refs: SessionRefRegistry
+) -> None:
+    # As the docs show it: parent_scope=ctx.run_id and no refs=. Its
+    # UNTIL_PARENT_FINISH ref must live, and die, with the parent's run.
+    parent = Workflow("parent", registry=registry)
+    child = Workflow("child", registry=StepRegistry())
+    default_before = len(SessionRefRegistry.default())
+
+    @child.step("make", StartEvent)
+    async def make(ev: StartEvent, ctx: Context) -> StopEvent:
+        return StopEvent(ctx.refs.insert(b"child", RefLifetime.UNTIL_PARENT_FINISH))
+
+    @parent.step("spawn", StartEvent)
+    async def spawn(ev: StartEvent, ctx: Context) -> StopEvent:
+        made = (await child.run(parent_scope=ctx.run_id)).result
+        assert ctx.refs.registry.get(made) == b"child"
+        return StopEvent(made)
+
+    await parent.run(refs=refs)
+    assert len(refs) == 0  # dropped when the parent's run ended
+    assert len(SessionRefRegistry.default()) == default_before
+
+
 async def test_refs_inserted_while_stopping_are_reported(
     registry: StepRegistry, refs: SessionRefRegistry
 ) -> None:

@@ -51,6 +51,21 @@ async def test_workflow_timeout_stops_the_work(
     assert ran == ["before"]
 
 
+async def test_a_step_that_swallows_the_timeout_still_times_the_run_out(
+    registry: StepRegistry, autojump_clock: trio.testing.MockClock
+) -> None:
+    wf = Workflow("swallower", timeout=5, registry=registry)
+
+    @wf.step("swallow", StartEvent)
+    async def swallow(ev: StartEvent, ctx: Context) -> None:
+        with contextlib.suppress(trio.Cancelled):
+            await trio.sleep(100)
+
+    with pytest.raises(WorkflowTimeoutError) as info:
+        await wf.run()
+    assert info.value.timeout == pytest.approx(5)
+
+
 async def test_work_within_the_timeout_completes(
     registry: StepRegistry, autojump_clock: trio.testing.MockClock
 ) -> None:

@@ -15,6 +15,7 @@ none at all.
 
 from __future__ import annotations
 
+import contextvars
 import math
 import sys
 from collections.abc import Hashable, Sequence
@@ -42,12 +43,22 @@ from .steps import StepSpec
 if sys.version_info < (3, 11):  # pragma: no cover - exercised on 3.10 only
     from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found, unused-ignore]
 
-__all__ = ["Routes", "Run", "RunResult", "WorkflowHandle"]
+__all__ = ["Routes", "Run", "RunResult", "WorkflowHandle", "enclosing_registry"]
 
 #: Wire name -> the steps accepting it, in registration order.
 Routes = dict[str, tuple[StepSpec, ...]]
 
 _CONTEXT = RefLifetime.UNTIL_CONTEXT_DROP
+
+_running: contextvars.ContextVar[Run | None] = contextvars.ContextVar(
+    "peerflow_running", default=None
+)
+
+
+def enclosing_registry() -> SessionRefRegistry | None:
+    """The ref registry of the run whose step is the current task, if any."""
+    run = _running.get()
+    return None if run is None else run.registry
 
 
 @final
@@ -161,6 +172,8 @@ class Run:
         Raises only what is not an engine failure: cancellation from outside
         and BaseExceptions such as KeyboardInterrupt (one, never a group).
         """
+        # The steps' tasks (and the runs they start) see this run as theirs.
+        running = _running.set(self)
         try:
             ran_out = await self._run_in_time()
             if self._stopped:
@@ -182,6 +195,7 @@ class Run:
                 raise
             raise sole from sole.__cause__
         finally:
+            _running.reset(running)
             if self._stream is not None:
                 self._stream.close()
                 # A step may have handed its context to a task outliving the run.
@@ -206,7 +220,9 @@ class Run:
             return None
         with trio.CancelScope(deadline=deadline) as deadline_scope:
             await self._run_steps()
-        return deadline - started if deadline_scope.cancelled_caught else None
+        # cancel_called, not cancelled_caught: a step that swallowed its
+        # Cancelled and returned has still run out of time.
+        return deadline - started if deadline_scope.cancel_called else None
 
     async def _run_steps(self) -> None:
         pair = self._route((StartEvent(self._input),))

@@ -13,7 +13,7 @@ from .._refs.ids import new_uuid4
 from .._refs.registry import SessionRefRegistry
 from ..errors import DuplicateStepError
 from .events import Event
-from .run import Routes, Run, RunResult, WorkflowHandle
+from .run import Routes, Run, RunResult, WorkflowHandle, enclosing_registry
 from .steps import AcceptsSpec, Handler, StepRegistry, StepSpec, never_suspends, normalize_accepts
 
 __all__ = ["Workflow"]
@@ -171,7 +171,11 @@ class Workflow:
         deadline: float | None,
     ) -> Run:
         if refs is None:
-            refs = SessionRefRegistry.default()
+            # A child run started from a step shares its parent's registry,
+            # where the parent's end can drop the refs it binds to its run.
+            refs = enclosing_registry()
+            if refs is None:
+                refs = SessionRefRegistry.default()
         routes, limits, inline = self._routing()
         return Run(
             self.name,
@@ -210,7 +214,8 @@ class Workflow:
             input: the ``data`` of the :class:`~peerflow.StartEvent`.
             node_id: ``ctx.node_id``; defaults to the ref registry's node id.
             run_id: ``ctx.run_id``; defaults to a fresh uuid4 string.
-            refs: the ref registry for ``ctx.refs``; defaults to
+            refs: the ref registry for ``ctx.refs``; defaults to the
+                registry of the run whose step starts this one, or else
                 :meth:`SessionRefRegistry.default`.
             owner: the caller identity that owns the refs the run creates
                 (None is the local process).
