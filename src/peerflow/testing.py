@@ -18,7 +18,28 @@ from ._peer.limits import Limits
 from ._peer.server import PeerServer
 from ._transport.mapping import collapse_excgroups
 
-__all__ = ["open_memory_peer", "sever"]
+__all__ = ["open_memory_connection", "open_memory_peer", "sever"]
+
+
+@asynccontextmanager
+async def open_memory_connection(server: PeerServer) -> AsyncIterator[trio.abc.Stream]:
+    """The client end of an in-memory connection that ``server`` serves, for the block.
+
+    For speaking the protocol by hand (raw HTTP/2, HTTP/1.1 or WebSocket
+    bytes). The server side runs in a task of this block (inside
+    ``server.running()`` unless the server already runs) and is cancelled
+    when the block ends, as if the server shut down. A failure in the
+    block is raised as itself, not inside an exception group.
+    """
+    with collapse_excgroups():
+        async with AsyncExitStack() as stack:
+            if not server.running_now:
+                await stack.enter_async_context(server.running())
+            client_stream, server_stream = trio.testing.memory_stream_pair()
+            nursery = await stack.enter_async_context(trio.open_nursery())
+            nursery.start_soon(server.serve_stream, server_stream)
+            yield client_stream
+            nursery.cancel_scope.cancel()
 
 
 @asynccontextmanager
@@ -32,28 +53,23 @@ async def open_memory_peer(
 ) -> AsyncIterator[PeerClient]:
     """Connect a new :class:`~peerflow.PeerClient` to ``server`` over an in-memory stream.
 
-    The server side runs in a task of this block (inside ``server.running()``
-    unless the server already runs); leaving the block closes the client,
-    releasing its scope's refs, and then the connection. A failure to
-    connect (a refused token, say) is raised as itself, as from
+    The connection is :func:`open_memory_connection`'s. Leaving the block
+    closes the client, releasing its scope's refs, and then the connection.
+    A failure to connect (a refused token, say) is raised as itself, as from
     :meth:`PeerClient.connect`, not inside an exception group.
     """
-    with collapse_excgroups():
-        async with AsyncExitStack() as stack:
-            if not server.running_now:
-                await stack.enter_async_context(server.running())
-            client_stream, server_stream = trio.testing.memory_stream_pair()
-            nursery = await stack.enter_async_context(trio.open_nursery())
-            nursery.start_soon(server.serve_stream, server_stream)
-            async with open_client_over(
-                client_stream,
-                Endpoint("http", "memory", 0),
-                node_id,
-                token=token,
-                limits=limits or Limits(),
-                lease_ttl=lease_ttl,
-            ) as client:
-                yield client
+    async with (
+        open_memory_connection(server) as stream,
+        open_client_over(
+            stream,
+            Endpoint("http", "memory", 0),
+            node_id,
+            token=token,
+            limits=limits or Limits(),
+            lease_ttl=lease_ttl,
+        ) as client,
+    ):
+        yield client
 
 
 async def sever(client: PeerClient) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from typing import Any
 
 import attrs
@@ -16,6 +16,7 @@ import trio
 import trio.testing
 
 from peerflow import PeerServer
+from peerflow.testing import open_memory_connection
 
 
 @attrs.frozen
@@ -106,14 +107,8 @@ class RawConnection:
 @asynccontextmanager
 async def memory_connection(server: PeerServer) -> AsyncIterator[RawConnection]:
     """A raw connection to ``server`` over an in-memory stream (MockClock friendly)."""
-    async with AsyncExitStack() as stack:
-        if not server.running_now:
-            await stack.enter_async_context(server.running())
-        client_stream, server_stream = trio.testing.memory_stream_pair()
-        nursery = await stack.enter_async_context(trio.open_nursery())
-        nursery.start_soon(server.serve_stream, server_stream)
-        yield RawConnection(client_stream)
-        nursery.cancel_scope.cancel()
+    async with open_memory_connection(server) as stream:
+        yield RawConnection(stream)
 
 
 def post(

@@ -7,9 +7,9 @@ import json
 import pytest
 import trio
 import trio_websocket
-from ws_helpers import memory_transport
 
 from peerflow import PeerServer
+from peerflow.testing import open_memory_connection
 
 
 @pytest.mark.parametrize(
@@ -19,7 +19,7 @@ async def test_a_handshake_that_names_no_caller_is_refused(
     server: PeerServer, headers: list[tuple[bytes, bytes]]
 ) -> None:
     with pytest.raises(trio_websocket.ConnectionRejected) as rejected:
-        async with memory_transport(server) as transport, trio.open_nursery() as nursery:
+        async with open_memory_connection(server) as transport, trio.open_nursery() as nursery:
             await trio_websocket.wrap_client_stream(
                 nursery,
                 transport,  # type: ignore[arg-type]

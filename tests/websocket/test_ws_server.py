@@ -13,13 +13,14 @@ import trio.testing
 import trio_websocket
 import wsproto
 import wsproto.events
-from ws_helpers import call, frame, invoke, memory_transport
+from ws_helpers import call, frame, invoke
 from ws_helpers import open_raw_websocket as open_abandoned_websocket
 
 from peer_steps import Probe, build_steps
 from peerflow import Limits, PeerServer
 from peerflow._wire.codec import decode_message
 from peerflow._wire.envelopes import ErrorDetails
+from peerflow.testing import open_memory_connection
 
 
 @asynccontextmanager
@@ -187,7 +188,7 @@ async def test_the_handshake_checks_the_token(server: PeerServer) -> None:
 
 
 async def test_a_malformed_upgrade_is_refused_by_http(server: PeerServer) -> None:
-    async with memory_transport(server) as transport:
+    async with open_memory_connection(server) as transport:
         await transport.send_all(
             b"GET /peerflow.peer.v1/ws HTTP/1.1\r\nhost: p\r\nconnection: upgrade\r\n"
             b"upgrade: websocket\r\n\r\n"  # no key, no version
@@ -217,7 +218,7 @@ async def test_a_client_that_stops_answering_pings_is_dropped(
 ) -> None:
     limits = Limits(keepalive_interval=5, keepalive_timeout=2)
     server = PeerServer("node-b", registry=build_steps(probe), token=None, limits=limits)
-    async with memory_transport(server) as transport:
+    async with open_memory_connection(server) as transport:
         # A client that speaks just enough WebSocket to start a call, then
         # never reads again: no pong ever comes back.
         client = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)

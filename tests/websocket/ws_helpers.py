@@ -6,7 +6,7 @@ The frames are for a bare trio-websocket client that sends and reads them by han
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import msgpack
@@ -18,23 +18,9 @@ import trio_websocket
 from peerflow import Limits, PeerServer, WebSocketPeerClient
 from peerflow._peer.client import Endpoint
 from peerflow._peer.ws_client import open_websocket_client_over
-from peerflow._transport.mapping import collapse_excgroups
 from peerflow._wire.codec import encode_message
 from peerflow._wire.envelopes import InvokeSubWorkflowRequest
-
-
-@asynccontextmanager
-async def memory_transport(server: PeerServer) -> AsyncIterator[trio.abc.Stream]:
-    """The client end of an in-memory connection that ``server`` serves (MockClock friendly)."""
-    with collapse_excgroups():  # a test sees the one error its client raised
-        async with AsyncExitStack() as stack:
-            if not server.running_now:
-                await stack.enter_async_context(server.running())
-            client_stream, server_stream = trio.testing.memory_stream_pair()
-            nursery = await stack.enter_async_context(trio.open_nursery())
-            nursery.start_soon(server.serve_stream, server_stream)
-            yield client_stream
-            nursery.cancel_scope.cancel()
+from peerflow.testing import open_memory_connection
 
 
 def client_over(
@@ -67,7 +53,7 @@ async def open_memory_client(
     lease_ttl: float = 30.0,
 ) -> AsyncIterator[WebSocketPeerClient]:
     async with (
-        memory_transport(server) as transport,
+        open_memory_connection(server) as transport,
         client_over(transport, node_id, token=token, limits=limits, lease_ttl=lease_ttl) as client,
     ):
         yield client
@@ -100,7 +86,7 @@ async def open_raw_websocket(
     headers: list[tuple[bytes, bytes]] | None = None,
 ) -> AsyncIterator[trio_websocket.WebSocketConnection]:
     """A bare trio-websocket client, for sending frames by hand."""
-    async with memory_transport(server) as transport, trio.open_nursery() as nursery:
+    async with open_memory_connection(server) as transport, trio.open_nursery() as nursery:
         ws = await raw_websocket_over(
             nursery, transport, subprotocols=subprotocols, headers=headers
         )
