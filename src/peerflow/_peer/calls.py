@@ -17,7 +17,7 @@ from typing import Final, Protocol, TypeVar, final
 import trio
 
 from .._wire import grpc
-from ..errors import PeerAuthError, PeerEncodeError
+from ..errors import PeerAuthError, PeerEncodeError, PeerflowError
 from .auth import check_bearer, token_principal
 from .logs import current_call_id, set_call_id
 from .service import Caller
@@ -87,17 +87,17 @@ class CallGate:
             PeerEncodeError: the call names no caller node id (an empty one
                 included); callers without one would share one identity.
         """
-        # A connection's next call must not log under its last caller's name.
-        set_caller_node_id("-")
         if self.token is not None:
             if not check_bearer(authorization, self.token):
-                raise PeerAuthError("missing or wrong bearer token")
+                raise _refused(PeerAuthError("missing or wrong bearer token"))
             # With a token and no client certificate, every holder of the token
             # is one principal: the token itself is the identity.
             if principal is None:
                 principal = self._token_principal
         if not node_id:
-            raise PeerEncodeError("every call must name its caller's node id", grpc.NODE_ID_HEADER)
+            raise _refused(
+                PeerEncodeError("every call must name its caller's node id", grpc.NODE_ID_HEADER)
+            )
         caller = node_id.decode("utf-8", "replace")
         set_caller_node_id(caller)
         return Caller(caller, principal, scope_of(connection))
@@ -126,6 +126,13 @@ class CallGate:
             node_id=self.node_id,
             call_id=current_call_id,
         )
+
+
+def _refused(error: PeerflowError) -> PeerflowError:
+    # A refused call on a connection that served another caller before must
+    # not log under that caller's name.
+    set_caller_node_id("-")
+    return error
 
 
 def name_call(call_id: bytes | None, connection: object, number: int) -> None:
