@@ -7,7 +7,7 @@ import math
 import ssl
 import urllib.parse
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import Any, Final, TypeVar, final
 
@@ -39,7 +39,14 @@ from .limits import Limits
 from .logs import PeerLogger, for_node
 from .trace import current_trace_context, trace_headers
 
-__all__ = ["PeerClient", "StreamCall", "deadline_scope", "open_client_over", "parse_endpoint"]
+__all__ = [
+    "PeerClient",
+    "StreamCall",
+    "deadline_scope",
+    "open_client_over",
+    "parse_endpoint",
+    "release_lost_refs",
+]
 
 _CONTENT_TYPE: Final = grpc.CONTENT_TYPE.encode()
 M = TypeVar("M")
@@ -141,6 +148,7 @@ class PeerClient:
             headers.append(bearer_header(token))
         self._base_headers: Final = tuple(headers)
         self._method_headers: dict[grpc.MethodSpec, tuple[tuple[bytes, bytes], ...]] = {}
+        self._background: trio.Nursery | None = None
 
     @staticmethod
     def connect(
@@ -312,7 +320,12 @@ class PeerClient:
         request = self._request(workflow_name, step_ids, input, timeout)
         with collapse_excgroups(), deadline_scope(timeout) as timer:
             async with self._call(grpc.STREAM_SUB_WORKFLOW, request) as reader:
-                yield StreamCall(reader, self)
+                call = StreamCall(reader, self)
+                try:
+                    yield call
+                finally:
+                    if call.response is None:
+                        self._release_lost(reader.lost_response(decode_stream_message))
         if timer.cancelled_caught:
             raise PeerTimeoutError(f"StreamSubWorkflow timed out after {timeout:g}s")
 
@@ -421,10 +434,10 @@ class PeerClient:
         # The hot path of every call: one stream read in place, with no
         # iterator or context-manager objects and no extra checkpoint.
         stream = await self._conn.open_stream(self._headers_for(method), body=encode_frame(request))
+        decoder = FrameDecoder(self._limits.max_message_size)
+        result: M | None = None
         try:
             _check_headers(method, await stream.receive_headers())
-            decoder = FrameDecoder(self._limits.max_message_size)
-            result: M | None = None
             while data := await stream.receive_data():
                 decoder.feed(bytes(data))
                 while (message := decoder.next_message()) is not NEED_DATA:
@@ -433,11 +446,31 @@ class PeerClient:
                     result = decode_message(cls, message)
             decoder.end_of_stream()
             _raise_status(method, dict(stream.trailers or ()))
+        except trio.Cancelled:
+            if cls is SubWorkflowResponse:
+                self._release_lost(
+                    _lost_response(method, stream, decoder, _decode_response, result)
+                )
+            raise
         finally:
             stream.close()
         if result is None:
             raise PeerTransportError(f"{method.name}: the peer sent no response message")
         return result
+
+    def _release_lost(self, response: object) -> None:
+        # The call was given up as its response arrived whole: no RST_STREAM
+        # goes out for an ended stream, so the peer thinks it delivered the
+        # refs, and only this client can release them.
+        if isinstance(response, SubWorkflowResponse) and response.remote_refs:
+            assert self._background is not None
+            self._background.start_soon(
+                release_lost_refs,
+                self.release_session_ref,
+                list(response.remote_refs),
+                self._limits.keepalive_timeout,
+                self._log,
+            )
 
     def _headers_for(self, method: grpc.MethodSpec) -> tuple[tuple[bytes, bytes], ...]:
         headers = self._method_headers.get(method)
@@ -458,6 +491,61 @@ class PeerClient:
         stream = await self._conn.open_stream(self._headers_for(method), body=encode_frame(request))
         async with stream:
             yield _Reader(stream, method, self._limits.max_message_size)
+
+
+async def release_lost_refs(
+    release: Callable[[str], Awaitable[bool]],
+    ref_uuids: list[str],
+    timeout: float,
+    log: PeerLogger,
+) -> None:
+    """Release the refs of a response whose caller gave up on it as it arrived.
+
+    A peer keeps the refs of a response it has sent; the caller, cancelled
+    before it read them, never learns their ids. So the client that holds
+    the response releases them, within ``timeout``. Failures are logged: the
+    refs then stay until the peer drops them for another reason.
+    """
+    with trio.move_on_after(timeout) as waiting:
+        try:
+            for ref_uuid in ref_uuids:
+                await release(ref_uuid)
+        except PeerError as exc:
+            log.warning("could not release the refs of a response nobody read: %s", exc)
+    if waiting.cancelled_caught:
+        log.warning("could not release the refs of a response nobody read within %gs", timeout)
+
+
+def _decode_response(message: bytes | memoryview) -> SubWorkflowResponse:
+    return decode_message(SubWorkflowResponse, message)
+
+
+def _lost_response(
+    method: grpc.MethodSpec,
+    stream: ClientStream,
+    decoder: FrameDecoder,
+    decode: Callable[[bytes | memoryview], object],
+    read: object = None,
+) -> object:
+    """The last message of a call whose stream ended well but was not read to its end.
+
+    ``read`` is the last message already decoded, if any. None if the stream
+    has not ended (the reset that cancelling sends then tells the peer) or
+    ended in an error.
+    """
+    headers = stream.response_headers
+    if not stream.remote_ended or headers is None or stream.reset_code is not None:
+        return None
+    try:
+        _check_headers(method, headers)
+        decoder.feed(stream.take_unread())
+        while (message := decoder.next_message()) is not NEED_DATA:
+            read = decode(message)
+        decoder.end_of_stream()
+        _raise_status(method, dict(stream.trailers or ()))
+    except PeerError:
+        return None
+    return read
 
 
 def deadline_scope(timeout: float | None) -> trio.CancelScope:
@@ -499,6 +587,10 @@ class _Reader:
 
     def __aiter__(self) -> _Reader:
         return self
+
+    def lost_response(self, decode: Callable[[bytes | memoryview], object]) -> object:
+        """The last message left unread in a stream that has ended (see ``_lost_response``)."""
+        return _lost_response(self._method, self._stream, self._decoder, decode)
 
     async def start(self) -> None:
         """Wait for the response headers (once); a refused call raises here."""
@@ -621,6 +713,7 @@ async def open_client_over(
                     conn, endpoint, node_id, token=token, limits=limits, lease_ttl=lease_ttl
                 )
                 nursery = await stack.enter_async_context(trio.open_nursery())
+                client._background = nursery
                 await client._open_lease(client._root)
                 if client._leases_supported:
                     nursery.start_soon(client._renew_leases)

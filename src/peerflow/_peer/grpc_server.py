@@ -246,7 +246,8 @@ class GrpcHandler:
     ) -> None:
         request = decode_message(InvokeSubWorkflowRequest, raw)
         response = await self._service.invoke(request, caller, deadline=deadline)
-        await self._unary_reply(stream, encode_response(encode_message, response))
+        with self._service.delivering(response, caller, stream.watch_delivery):
+            await self._unary_reply(stream, encode_response(encode_message, response))
 
     async def _stream(
         self, stream: ServerStream, raw: bytes, caller: Caller, deadline: float
@@ -262,8 +263,9 @@ class GrpcHandler:
 
         response = await self._service.invoke(request, caller, deadline=deadline, on_event=forward)
         body = encode_response(encode_stream_message, response)
-        await self._send(stream, encode_frame(body))
-        stream.send_trailers(_OK_TRAILERS)
+        with self._service.delivering(response, caller, stream.watch_delivery):
+            await self._send(stream, encode_frame(body))
+            stream.send_trailers(_OK_TRAILERS)
 
     async def _deref(
         self, stream: ServerStream, raw: bytes, caller: Caller, deadline: float

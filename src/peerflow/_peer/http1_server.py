@@ -553,3 +553,11 @@ class _Exchange:
     async def end_stream(self) -> None:
         """End a streamed answer."""
         await self._send(h11.EndOfMessage())
+
+    def watch_delivery(self, on_lost: Callable[[], None]) -> None:
+        """Nothing: an HTTP/1.1 client that gives up only closes the connection.
+
+        That looks the same whether or not it read the answer, so
+        ``HttpPeerClient`` reads to the end of an answer it was cancelled on
+        and releases what it hands out itself.
+        """

@@ -135,6 +135,12 @@ class HttpExchange(Protocol):
     async def end_stream(self) -> None:
         """End a streamed answer."""
 
+    def watch_delivery(self, on_lost: Callable[[], None]) -> None:
+        """Call ``on_lost`` if the client turns out not to have read the ended answer.
+
+        Where the transport cannot tell (HTTP/1.1), this does nothing.
+        """
+
 
 def error_body(code: str, message: str) -> bytes:
     """The JSON body ``{"error": {...}}`` of a failure that has no exception behind it."""
@@ -242,7 +248,8 @@ class JsonHandler:
     ) -> None:
         request = decode_json(InvokeSubWorkflowRequest, raw)
         response = await self._service.invoke(request, caller, deadline=deadline)
-        await exchange.respond(200, _JSON, encode_response(encode_json, response))
+        with self._service.delivering(response, caller, exchange.watch_delivery):
+            await exchange.respond(200, _JSON, encode_response(encode_json, response))
 
     async def _stream(
         self, exchange: HttpExchange, raw: bytes, caller: Caller, deadline: float
@@ -258,8 +265,9 @@ class JsonHandler:
 
         response = await self._service.invoke(request, caller, deadline=deadline, on_event=forward)
         line = encode_response(encode_json_stream_message, response)
-        await exchange.send(line + b"\n")
-        await exchange.end_stream()
+        with self._service.delivering(response, caller, exchange.watch_delivery):
+            await exchange.send(line + b"\n")
+            await exchange.end_stream()
 
     async def _deref(
         self, exchange: HttpExchange, raw: bytes, caller: Caller, deadline: float
@@ -385,3 +393,7 @@ class H2Exchange:
         """End the answer (END_STREAM)."""
         self._stream.end_stream()
         await trio.lowlevel.checkpoint()
+
+    def watch_delivery(self, on_lost: Callable[[], None]) -> None:
+        """See :meth:`ServerStream.watch_delivery`."""
+        self._stream.watch_delivery(on_lost)

@@ -7,9 +7,11 @@ runs, refs, ownership and leases is decided here, once.
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from collections.abc import Awaitable, Callable, Hashable, Iterator
+from contextlib import contextmanager
 from typing import Any, final
 
 import attrs
@@ -163,37 +165,79 @@ class PeerService:
         # purges the UNTIL_CONTEXT_DROP refs, whose bytes must ship first.
         # (Keyword arguments spelt out: a dict splatted into them costs more.)
         outcome: RunResult | WorkflowError
-        if on_event is None:
-            async with workflow.execute(
-                request.input,
-                node_id=self.node_id,
-                refs=self.refs,
-                owner=caller.owner,
-                parent_scope=parent_scope,
-                deadline=run_deadline,
-            ) as run:
-                try:
-                    outcome = run.outcome()
-                except WorkflowError as exc:
-                    outcome = exc
-                response = self._respond(request, deadline, outcome, run.created_refs())
-            return response
-        async with workflow.start(
-            request.input,
-            node_id=self.node_id,
-            refs=self.refs,
-            owner=caller.owner,
-            parent_scope=parent_scope,
-            deadline=run_deadline,
-        ) as handle:
-            async for event in handle.events():
-                await on_event(event)
-            try:
-                outcome = await handle.result()
-            except WorkflowError as exc:
-                outcome = exc
-            response = self._respond(request, deadline, outcome, handle.created_refs())
+        response: SubWorkflowResponse
+        built: SubWorkflowResponse | None = None  # for the handler: response may be unbound
+        try:
+            if on_event is None:
+                async with workflow.execute(
+                    request.input,
+                    node_id=self.node_id,
+                    refs=self.refs,
+                    owner=caller.owner,
+                    parent_scope=parent_scope,
+                    deadline=run_deadline,
+                ) as run:
+                    try:
+                        outcome = run.outcome()
+                    except WorkflowError as exc:
+                        outcome = exc
+                    built = response = self._respond(request, deadline, outcome, run.created_refs())
+            else:
+                async with workflow.start(
+                    request.input,
+                    node_id=self.node_id,
+                    refs=self.refs,
+                    owner=caller.owner,
+                    parent_scope=parent_scope,
+                    deadline=run_deadline,
+                ) as handle:
+                    async for event in handle.events():
+                        await on_event(event)
+                    try:
+                        outcome = await handle.result()
+                    except WorkflowError as exc:
+                        outcome = exc
+                    built = response = self._respond(
+                        request, deadline, outcome, handle.created_refs()
+                    )
+        except BaseException:
+            # Cancelled as the block closed, after the outcome: the response
+            # will never be sent, so nobody would learn its refs' ids.
+            if built is not None:
+                self.discard(built, caller)
+            raise
         return response
+
+    @contextmanager
+    def delivering(
+        self,
+        response: SubWorkflowResponse,
+        caller: Caller,
+        watch: Callable[[Callable[[], None]], None] | None = None,
+    ) -> Iterator[None]:
+        """Wrap the sending of ``response``: if that fails or is cancelled, drop its refs.
+
+        The caller then never learns their ids, so nobody could release
+        them; the call leaves no trace, as a call cancelled mid-run does.
+        Once sent, a response that hands out refs is given to ``watch``
+        (``ServerStream.watch_delivery``), which drops them if the caller
+        turns out to have given up before reading it.
+        """
+        try:
+            yield
+        except BaseException:
+            self.discard(response, caller)
+            raise
+        if watch is not None and response.remote_refs:
+            watch(functools.partial(self.discard, response, caller))
+
+    def discard(self, response: SubWorkflowResponse, caller: Caller) -> None:
+        """Drop the refs ``response`` hands out: it never reached ``caller``."""
+        dropped = sum(
+            self.refs.remove(ref_uuid, owner=caller.owner) for ref_uuid in response.remote_refs
+        )
+        if dropped:
+            self._log.info("dropped %d refs of a response the caller never received", dropped)
 
     def _respond(
         self,

@@ -441,7 +441,8 @@ class _Session:
         """InvokeSubWorkflow: one response message, then the end frame."""
         request = decode_message(InvokeSubWorkflowRequest, raw)
         response = await self._service.invoke(request, self._caller, deadline=deadline)
-        await self._reply(frame_id, encode_response(encode_message, response))
+        with self._service.delivering(response, self._caller):
+            await self._reply(frame_id, encode_response(encode_message, response))
 
     async def stream(self, frame_id: int, raw: bytes, deadline: float) -> None:
         """StreamSubWorkflow: a message per event, the response, then the end frame."""
@@ -455,7 +456,8 @@ class _Session:
         response = await self._service.invoke(
             request, self._caller, deadline=deadline, on_event=forward
         )
-        await self._reply(frame_id, encode_response(encode_stream_message, response))
+        with self._service.delivering(response, self._caller):
+            await self._reply(frame_id, encode_response(encode_stream_message, response))
 
     async def deref(self, frame_id: int, raw: bytes, deadline: float) -> None:
         """DerefSessionRef: a message per chunk, then the end frame."""

@@ -91,6 +91,9 @@ _MAX_SEND_CHUNKS = 64
 _EMPTY = b""
 # Header lists the fast paths take: plain sequences of plain 2-tuples.
 _HEADER_LISTS = (list, tuple)
+# Ended responses watched for a late reset at once (see watch_delivery); a
+# client that never answers PINGs makes the oldest count as delivered.
+_MAX_UNDELIVERED = 4096
 
 
 def _data_frame_body_repr(frame: hyperframe.frame.DataFrame) -> str:
@@ -341,6 +344,13 @@ class _ReceivedHeaders(_ReceivedFrame):
     """A HEADERS frame with END_HEADERS, no padding and no priority."""
 
 
+class _LateReset(h2.events.Event):
+    """A RST_STREAM for a stream h2 has already closed, which h2 itself ignores."""
+
+    def __init__(self, stream_id: int) -> None:
+        self.stream_id = stream_id
+
+
 class _H2Connection(h2.connection.H2Connection):
     """h2's connection state machine, with lean paths for the frames every call sends.
 
@@ -450,6 +460,16 @@ class _H2Connection(h2.connection.H2Connection):
         view.release()
         del pending[:pos]
         return events
+
+    def _receive_rst_stream_frame(
+        self, frame: hyperframe.frame.RstStreamFrame
+    ) -> tuple[list[hyperframe.frame.Frame], list[h2.events.Event]]:
+        frames, events = super()._receive_rst_stream_frame(frame)
+        if not events:
+            # The stream is closed on our side: the client reset it before it
+            # had read all we sent. The driver may still need to know.
+            events = [_LateReset(frame.stream_id)]
+        return frames, events
 
     # --------------------------------------------------------------- sending
 
@@ -796,6 +816,16 @@ class _Stream:
             self._raise_failure()
             await self._lot.park()
 
+    def take_unread(self) -> bytes:
+        """Take every received chunk not read yet, joined, without waiting.
+
+        Once the stream has ended (:attr:`remote_ended`), that is the rest of
+        the peer's body.
+        """
+        data = b"".join(chunk for chunk, _ in self._chunks)
+        self._conn._discard(self)
+        return data
+
     async def receive_all(self, limit: int | None = None) -> bytes:
         """Read the peer's body to its end and return it joined.
 
@@ -983,6 +1013,19 @@ class ServerStream(_Stream):
         """
         self.send_headers(trailers, end_stream=True)
 
+    def watch_delivery(self, on_lost: Callable[[], None]) -> None:
+        """Call ``on_lost`` if the client resets the stream without having read the response.
+
+        For a response that has ended: a client cancelled as it arrived
+        resets a stream that is already closed here, which HTTP/2 otherwise
+        ignores. The watch ends when the client acknowledges a PING sent
+        after the response: it reads frames in order, so by then it has
+        taken the whole response. A connection that ends first counts as
+        delivered. ``on_lost`` runs in the connection's reader task and must
+        not block.
+        """
+        self._conn._watch_delivery(self.stream_id, on_lost)
+
     async def send_response(
         self,
         headers: HeaderSeq,
@@ -1137,6 +1180,12 @@ class _Connection:
         self._nursery: trio.Nursery | None = None
         self._pings: dict[bytes, list[Any]] = {}
         self._ping_counter = 0
+        # Ended responses not yet known to be read (ServerStream.watch_delivery),
+        # and the PINGs that will confirm them: each covers the streams
+        # watched before it went out.
+        self._undelivered: dict[int, Callable[[], None]] = {}
+        self._fences: dict[bytes, list[int]] = {}
+        self._unfenced: list[int] = []
         self._last_activity = 0.0
         self._idle_since = 0.0
         self._peer_settings_seen = False
@@ -1156,6 +1205,7 @@ class _Connection:
             h2.events.RequestReceived: self._on_request,
             h2.events.ResponseReceived: self._on_response,
             h2.events.TrailersReceived: self._on_trailers,
+            _LateReset: self._on_late_reset,
         }
 
     # ------------------------------------------------------------------ state
@@ -1512,10 +1562,25 @@ class _Connection:
         self._slot_lot.unpark_all()
 
     def _on_ping_ack(self, event: h2.events.PingAckReceived) -> None:
+        delivered = self._fences.pop(event.ping_data, None)
+        if delivered is not None:
+            for stream_id in delivered:
+                self._undelivered.pop(stream_id, None)
+            if self._unfenced:
+                self._send_fence()
+            return
         entry = self._pings.get(event.ping_data)
         if entry is not None:
             entry[1] = trio.current_time()
             entry[0].set()
+
+    def _on_late_reset(self, event: _LateReset) -> None:
+        on_lost = self._undelivered.pop(event.stream_id, None)
+        if on_lost is not None:
+            try:
+                on_lost()
+            except Exception:
+                logger.exception("handling the reset of stream %d failed", event.stream_id)
 
     def _on_connection_terminated(self, event: h2.events.ConnectionTerminated) -> None:
         self._terminate(
@@ -1591,6 +1656,25 @@ class _Connection:
         if entry[1] is None:
             self._raise_if_closed()
         return float(entry[1]) - start
+
+    def _watch_delivery(self, stream_id: int, on_lost: Callable[[], None]) -> None:
+        if self._error is not None:
+            return
+        undelivered = self._undelivered
+        undelivered[stream_id] = on_lost
+        if len(undelivered) > _MAX_UNDELIVERED:
+            del undelivered[next(iter(undelivered))]
+        self._unfenced.append(stream_id)
+        if not self._fences:  # one fence at a time; the next covers what came meanwhile
+            self._send_fence()
+
+    def _send_fence(self) -> None:
+        self._ping_counter += 1
+        payload = self._ping_counter.to_bytes(8, "big")
+        self._fences[payload] = self._unfenced
+        self._unfenced = []
+        self._h2.ping(payload)
+        self._flush()
 
     async def _keepalive(self, interval: float) -> None:
         timeout = self._settings.keepalive_timeout
