@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import attrs
 import pytest
 import trio
 import trio.testing
 
 from peerflow import (
     Context,
+    Event,
     RefCapacityError,
     RefLifetime,
     RefNotFoundError,
@@ -20,6 +22,11 @@ from peerflow import (
 )
 
 LIFETIMES = list(RefLifetime)
+
+
+@attrs.define
+class Idle(Event, event_type="tests.Idle"):
+    pass
 
 
 def ref_workflow(registry: StepRegistry, *, then: str = "stop") -> Workflow:
@@ -152,6 +159,36 @@ async def test_execute_purges_a_run_cancelled_from_outside(
     with trio.move_on_after(0.01):
         async with ref_workflow(registry, then="hang").execute(refs=refs):
             entered.append(True)
+    assert entered == []
+    assert len(refs) == 0
+
+
+async def test_execute_purges_a_finished_run_whose_host_is_cancelled_before_the_block(
+    registry: StepRegistry, refs: SessionRefRegistry
+) -> None:
+    # The StopEvent is in, but the cancel lands as the run's nursery closes,
+    # before the block gets the run: nobody can learn the refs' ids, so even
+    # those that outlive a run go (the run has no result yet).
+    wf = Workflow("late", registry=registry)
+    host = trio.CancelScope()
+
+    @wf.step("make", StartEvent)
+    async def make(ev: StartEvent, ctx: Context) -> StopEvent:
+        ctx.send_event(Idle())
+        await trio.lowlevel.checkpoint()
+        ctx.refs.insert(b"kept", RefLifetime.UNTIL_EXPLICIT_DROP)
+        host.cancel()  # no checkpoint between this and the outcome
+        return StopEvent("done")
+
+    @wf.step("idle", Idle)
+    async def idle(ev: Idle, ctx: Context) -> None:
+        await trio.sleep_forever()
+
+    entered = []
+    with host:
+        async with wf.execute(refs=refs):
+            entered.append(True)
+    assert host.cancelled_caught
     assert entered == []
     assert len(refs) == 0
 

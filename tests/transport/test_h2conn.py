@@ -787,3 +787,80 @@ def test_hpack_decoder_checks_the_whole_block_when_reusing_its_start() -> None:
         assert len(decoder.decode(literal, raw=True)) == 1  # 77 bytes alone fit
         with pytest.raises(hpack.OversizedHeaderListError):
             decoder.decode(head + literal, raw=True)
+
+
+def _rst_stream_frame(stream_id: int) -> bytes:
+    # Hand-built: h2 will not let a client reset a stream that has ended.
+    return (
+        b"\x00\x00\x04\x03\x00"
+        + stream_id.to_bytes(4, "big")
+        + int(ErrorCodes.CANCEL).to_bytes(4, "big")
+    )
+
+
+async def _reset_after_the_response(*, before_ack: bool) -> list[int]:
+    """Serve one watched response to a raw client that resets the ended stream.
+
+    Returns the stream ids whose response the server counted as lost.
+    """
+    lost: list[int] = []
+
+    async def handler(stream: ServerStream) -> None:
+        await stream.receive_all()
+        await stream.send_response(OK, b"hands out refs", TRAILERS)
+        stream.watch_delivery(lambda: lost.append(stream.stream_id))
+
+    peer, server_side = await _raw_peer(as_client=True)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_h2_connection, server_side, handler)
+        await peer.wait_for(h2.events.RemoteSettingsChanged)
+        peer.h2.send_headers(1, REQUEST, end_stream=True)
+        await peer.flush()
+        # Read the response and the PING after it, without answering yet.
+        events: list[h2.events.Event] = []
+        while not any(isinstance(event, h2.events.PingReceived) for event in events):
+            events += peer.h2.receive_data(await peer.stream.receive_some(65536))
+        assert any(isinstance(event, h2.events.StreamEnded) for event in events)
+        if before_ack:
+            await peer.send_raw(_rst_stream_frame(1))
+            await peer.flush()  # the PING's ACK, after the reset
+        else:
+            await peer.flush()
+            await trio.testing.wait_all_tasks_blocked()
+            await peer.send_raw(_rst_stream_frame(1))
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    return lost
+
+
+async def test_a_reset_of_an_ended_stream_before_the_ping_ack_counts_the_response_lost() -> None:
+    assert await _reset_after_the_response(before_ack=True) == [1]
+
+
+async def test_a_ping_ack_after_the_response_confirms_its_delivery() -> None:
+    assert await _reset_after_the_response(before_ack=False) == []
+
+
+async def test_watched_responses_are_confirmed_by_the_next_ping_ack() -> None:
+    # Many calls, one fence at a time: every response is confirmed, and a
+    # late reset of any of them then changes nothing.
+    lost: list[int] = []
+
+    async def handler(stream: ServerStream) -> None:
+        body = await stream.receive_all()
+        await stream.send_response(OK, body, TRAILERS)
+        stream.watch_delivery(lambda: lost.append(stream.stream_id))
+
+    async def call(n: int) -> None:
+        async with await client.open_stream(REQUEST, body=b"%d" % n) as stream:
+            await stream.receive_headers()
+            assert await stream.receive_all() == b"%d" % n
+
+    async with connected(handler) as (client, server):
+        async with trio.open_nursery() as nursery:
+            for n in range(20):
+                nursery.start_soon(call, n)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not server._undelivered
+        assert not server._fences
+    assert lost == []

@@ -166,7 +166,7 @@ class PeerService:
         # (Keyword arguments spelt out: a dict splatted into them costs more.)
         outcome: RunResult | WorkflowError
         response: SubWorkflowResponse
-        built: SubWorkflowResponse | None = None  # for the handler: response may be unbound
+        run_id = None
         try:
             if on_event is None:
                 async with workflow.execute(
@@ -177,11 +177,12 @@ class PeerService:
                     parent_scope=parent_scope,
                     deadline=run_deadline,
                 ) as run:
+                    run_id = run.run_id
                     try:
                         outcome = run.outcome()
                     except WorkflowError as exc:
                         outcome = exc
-                    built = response = self._respond(request, deadline, outcome, run.created_refs())
+                    response = self._respond(request, deadline, outcome, run.created_refs())
             else:
                 async with workflow.start(
                     request.input,
@@ -191,20 +192,19 @@ class PeerService:
                     parent_scope=parent_scope,
                     deadline=run_deadline,
                 ) as handle:
+                    run_id = handle.run_id
                     async for event in handle.events():
                         await on_event(event)
                     try:
                         outcome = await handle.result()
                     except WorkflowError as exc:
                         outcome = exc
-                    built = response = self._respond(
-                        request, deadline, outcome, handle.created_refs()
-                    )
+                    response = self._respond(request, deadline, outcome, handle.created_refs())
         except BaseException:
-            # Cancelled as the block closed, after the outcome: the response
-            # will never be sent, so nobody would learn its refs' ids.
-            if built is not None:
-                self.discard(built, caller)
+            # Cancelled or failed after the run began, perhaps after its
+            # outcome: no response will carry the ids of what it created.
+            if run_id is not None:
+                self.refs.purge_run(run_id, all_lifetimes=True)
             raise
         return response
 
