@@ -40,3 +40,22 @@ async def test_a_missing_token_is_reported_before_a_missing_node_id(server: Peer
     async with memory_connection(server) as conn:
         reply = await conn.call(without_node_id(post("InvokeSubWorkflow", invoke(["echo"], 1))))
     assert (reply.status, reply.error_code) == (401, "auth")
+
+
+@pytest.mark.parametrize("token", ["s3cret"])
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        post("NoSuchMethod", {"v": 1}),
+        b"GET /peerflow.peer.v1/InvokeSubWorkflow HTTP/1.1\r\nhost: p\r\n\r\n",
+        post("InvokeSubWorkflow", invoke(["echo"]), content_type="text/plain"),
+    ],
+    ids=["unknown-route", "wrong-verb", "wrong-content-type"],
+)
+async def test_only_an_authenticated_caller_learns_about_routes(
+    server: PeerServer, request_bytes: bytes
+) -> None:
+    # As on gRPC: the token first, so an unknown caller cannot map the routes.
+    async with memory_connection(server) as conn:
+        reply = await conn.call(request_bytes)
+    assert (reply.status, reply.error_code) == (401, "auth")

@@ -155,11 +155,15 @@ async def test_routes_methods_and_content_types(server: PeerServer) -> None:
         reply = await conn.call(post("NoSuchMethod", {"v": 1}))
         assert (reply.status, reply.error_code) == (501, "unimplemented")
         reply = await conn.call(
-            b"GET /peerflow.peer.v1/InvokeSubWorkflow HTTP/1.1\r\nhost: p\r\n\r\n"
+            b"GET /peerflow.peer.v1/InvokeSubWorkflow HTTP/1.1\r\nhost: p\r\n"
+            b"x-peerflow-peer-node-id: a\r\n\r\n"
         )
         assert reply.status == 405
         assert reply.headers[b"allow"] == b"POST"
-        await conn.send(b"HEAD /peerflow.peer.v1/InvokeSubWorkflow HTTP/1.1\r\nhost: p\r\n\r\n")
+        await conn.send(
+            b"HEAD /peerflow.peer.v1/InvokeSubWorkflow HTTP/1.1\r\nhost: p\r\n"
+            b"x-peerflow-peer-node-id: a\r\n\r\n"
+        )
         reply = await conn.reply(head=True)
         assert reply.status == 405
         assert int(reply.headers[b"content-length"]) > 0  # what a GET would have had

@@ -185,24 +185,6 @@ class JsonHandler:
         named the call for the logs (see :func:`~peerflow._peer.calls.name_call`).
         """
         path = exchange.target.split(b"?", 1)[0]
-        method = self._methods.get(path[len(JSON_PATH_PREFIX) :])
-        if method is None:
-            message = f"unknown method {path[:200].decode('latin-1')}"
-            await exchange.respond(501, _JSON, error_body("unimplemented", message))
-            return
-        if exchange.method != b"POST":
-            await exchange.respond(
-                405,
-                _JSON,
-                error_body("method_not_allowed", "the HTTP/JSON routes take POST"),
-                [(b"allow", b"POST")],
-            )
-            return
-        if not _is_json(exchange.header(b"content-type")):
-            await exchange.respond(
-                415, _JSON, error_body("encode", "expected content-type application/json")
-            )
-            return
         traceparent = exchange.header(_TRACEPARENT)
         with self._gate.trace(
             traceparent, traceparent and exchange.header(_TRACESTATE), path, "http_json"
@@ -215,6 +197,25 @@ class JsonHandler:
                     _scope_of,
                     exchange,
                 )
+                # Only an admitted caller learns which routes and verbs exist.
+                method = self._methods.get(path[len(JSON_PATH_PREFIX) :])
+                if method is None:
+                    message = f"unknown method {path[:200].decode('latin-1')}"
+                    await exchange.respond(501, _JSON, error_body("unimplemented", message))
+                    return
+                if exchange.method != b"POST":
+                    await exchange.respond(
+                        405,
+                        _JSON,
+                        error_body("method_not_allowed", "the HTTP/JSON routes take POST"),
+                        [(b"allow", b"POST")],
+                    )
+                    return
+                if not _is_json(exchange.header(b"content-type")):
+                    await exchange.respond(
+                        415, _JSON, error_body("encode", "expected content-type application/json")
+                    )
+                    return
                 deadline = deadline_from_timeout_ms(exchange.header(_TIMEOUT_MS))
                 with trio.move_on_at(deadline):
                     await method(exchange, await exchange.read_body(), caller, deadline)
