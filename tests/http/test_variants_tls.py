@@ -81,7 +81,7 @@ async def test_websocket_over_mtls(address: PeerAddress, pki: dict[str, pathlib.
             assert (await client.invoke_sub_workflow("w", ["echo"], b"x")).result == b"x"
 
 
-async def test_a_tls_context_offering_h2_is_explained(
+async def test_a_tls_context_offering_the_wrong_protocol_is_explained(
     address: PeerAddress, pki: dict[str, pathlib.Path]
 ) -> None:
     h2_first = client_tls(pki, "a", alpn=("h2", "http/1.1"))
@@ -91,4 +91,10 @@ async def test_a_tls_context_offering_h2_is_explained(
                 await client.invoke_sub_workflow("w", ["echo"], 1)
         with pytest.raises(peerflow.PeerTransportError, match="ALPN"):
             async with WebSocketPeerClient.connect(address.url, "node-a", tls=h2_first, token=None):
+                pass
+        # And the other way round: PeerClient needs h2, so agreeing on HTTP/1.1 is explained.
+        with pytest.raises(peerflow.PeerTransportError, match=r"chose http/1\.1 by ALPN"):
+            async with peerflow.PeerClient.connect(
+                address.url, "node-a", tls=client_tls(pki, "a"), token=None
+            ):
                 pass

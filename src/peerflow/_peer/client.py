@@ -173,7 +173,8 @@ class PeerClient:
         Raises:
             PeerTransportError: at once for a bad URI; on entering the block
                 when the connection is refused (the message names the
-                address) or the TLS handshake fails.
+                address), the TLS handshake fails or the peer agrees by
+                ALPN on a protocol other than ``h2``.
             PeerTimeoutError: on entering the block, when the connection, the
                 TLS handshake or the opening ``Lease`` call takes longer than
                 ``limits.handshake_timeout``.
@@ -738,6 +739,15 @@ async def _open_client(
     transport = await connect_tcp(
         endpoint.host, endpoint.port, ssl_context=tls, timeout=limits.handshake_timeout
     )
+    alpn = transport.selected_alpn_protocol() if isinstance(transport, trio.SSLStream) else None
+    if alpn not in (None, "h2"):
+        # Without ALPN the peer tells HTTP/2 by its preface; with another
+        # protocol agreed, it would answer the preface as that protocol.
+        await trio.aclose_forcefully(transport)
+        raise PeerTransportError(
+            f"{endpoint.authority} chose {alpn} by ALPN; PeerClient speaks gRPC over HTTP/2: "
+            'give it a TLS context offering "h2" (load_client_tls(...) does)'
+        )
     async with open_client_over(
         transport, endpoint, node_id, token=token, limits=limits, lease_ttl=lease_ttl
     ) as client:
