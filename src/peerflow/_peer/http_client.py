@@ -31,7 +31,7 @@ from .._wire.envelopes import (
 from ..errors import PeerError, PeerTimeoutError, PeerTransportError
 from .auth import bearer_header, resolve_peer_token
 from .calls import TIMEOUT_MS_HEADER
-from .client import deadline_scope
+from .client import deadline_scope, release_lost_refs
 from .http_json import JSON_PATH_PREFIX
 from .json_codec import (
     JSON_CONTENT_TYPE,
@@ -59,6 +59,9 @@ M = TypeVar("M")
 _FROM_ENV: Final = object()
 _RECEIVE_SIZE: Final = 65536
 _JSON: Final = JSON_CONTENT_TYPE.encode()
+# The calls whose answer hands out refs: one its caller gives up on is read
+# out in the background, so that those refs can be released (_read_lost_answer).
+_HANDS_OUT_REFS: Final = frozenset({"InvokeSubWorkflow", "StreamSubWorkflow"})
 
 
 @final
@@ -69,11 +72,16 @@ class _Connection:
         self.stream = stream
         self.h11 = h11.Connection(h11.CLIENT)
         self.where = where
+        # Whether the whole of the current request has left: h11 says DONE
+        # as soon as it framed the last bytes, before they were written.
+        self.request_sent = False
 
     async def send(self, *events: h11.Event) -> None:
         data = b"".join(self.h11.send(event) or b"" for event in events)
+        self.request_sent = False
         with map_exceptions(f"connection to {self.where} failed"):
             await self.stream.send_all(data)
+        self.request_sent = self.h11.our_state is h11.DONE
 
     async def next_event(self) -> h11.Event:
         while True:
@@ -136,24 +144,57 @@ def _readable_now(fd: int) -> bool:
 
 @final
 class _Response:
-    """The answer to one request, read as a whole or line by line."""
+    """The answer to one request: its status, then its body as a whole or line by line.
 
-    def __init__(self, conn: _Connection, status: int, max_size: int) -> None:
+    Attributes:
+        status: the answer's status, once its head has been read (None before).
+        settled: whether the caller has learnt how the answer ends: it read
+            the answer to its end, took a streamed answer's final response,
+            or reading failed. An answer left unsettled may hand out refs
+            nobody knows of.
+    """
+
+    def __init__(self, conn: _Connection, max_size: int) -> None:
         self._conn = conn
-        self.status = status
+        self.status: int | None = None
+        self.settled = False
         self._max_size = max_size
         self._buffer = bytearray()
         self._scanned = 0
         self._ended = False
 
+    async def read_status(self) -> int:
+        """Read the answer's head (after any 1xx answers); return its status.
+
+        Raises:
+            PeerTransportError: the connection failed or closed first.
+        """
+        while True:
+            event = await self._next_event()
+            if isinstance(event, h11.Response):
+                self.status = event.status_code
+                return self.status
+            if isinstance(event, h11.ConnectionClosed):
+                self.settled = True
+                raise self._conn.closed_error(answered=False)
+            # 1xx informational answers come before the real one.
+
+    async def _next_event(self) -> h11.Event:
+        try:
+            return await self._conn.next_event()
+        except PeerError:
+            self.settled = True
+            raise
+
     async def _more(self) -> bool:
-        event = await self._conn.next_event()
+        event = await self._next_event()
         if isinstance(event, h11.Data):
             self._buffer += event.data
             return True
         if isinstance(event, h11.EndOfMessage):
-            self._ended = True
+            self._ended = self.settled = True
             return False
+        self.settled = True
         raise PeerTransportError(f"{self._conn.where} closed the connection mid-answer")
 
     async def read_all(self) -> bytes:
@@ -187,11 +228,13 @@ class _Response:
             self._check_size(self._scanned)
             if self._ended or not await self._more():
                 if self._buffer.strip():
+                    self.settled = True
                     raise PeerTransportError("the answer ended in the middle of a line")
                 return None
 
     def _check_size(self, size: int) -> None:
         if size > self._max_size:
+            self.settled = True
             raise grpc.error_for_status(
                 grpc.Status.RESOURCE_EXHAUSTED,
                 f"the answer exceeds the message size limit of {self._max_size} bytes",
@@ -216,6 +259,20 @@ class HttpPeerClient(MessageClient[_Response]):
     :class:`~peerflow.PeerTransportError`, even when the peer closed it just
     as the request left, since the run may have started there.
 
+    A call that hands out refs (``invoke_sub_workflow``,
+    ``stream_sub_workflow``) and is left before its answer was read
+    (cancelled, timed out, a stream block left early) after its request
+    went out whole does not simply close its connection: closing could not
+    tell the peer whether the answer was lost. Inside ``async with``, a
+    background task half-closes it (the peer then cancels a run still
+    going, as on a close), reads the rest of the answer within
+    ``keepalive_timeout`` and, if it was a complete response, releases the
+    refs it hands out (within ``keepalive_timeout`` again). Until it is
+    closed, the connection keeps its place in ``max_connections``. Leaving
+    ``async with`` waits for these tasks. Without ``async with``,
+    or over TLS (a TLS stream cannot half-close), the connection closes at
+    once and such refs stay on the peer.
+
     Args:
         base_url: ``http://host:port`` or ``https://host:port``, optionally
             with a path prefix the routes hang under (a peer behind a
@@ -228,7 +285,8 @@ class HttpPeerClient(MessageClient[_Response]):
             sends none.
         limits: ``max_message_size`` bounds an answer (or one streamed
             line); ``handshake_timeout`` bounds opening a connection (TCP
-            and TLS); ``keepalive_timeout`` bounds the goodbyes of closing.
+            and TLS); ``keepalive_timeout`` bounds the goodbyes of closing,
+            and reading out an answer a caller gave up on.
         lease_ttl: the TTL asked for this client's leases.
         max_connections: how many connections (so concurrent calls) at most.
 
@@ -278,6 +336,8 @@ class HttpPeerClient(MessageClient[_Response]):
             log=self._log,
         )
         self._running: AbstractAsyncContextManager[None] | None = None
+        # Where the answers of abandoned calls are read out; only inside ``async with``.
+        self._lost_answers: trio.Nursery | None = None
 
     # -- lifetime --------------------------------------------------------------
 
@@ -303,7 +363,14 @@ class HttpPeerClient(MessageClient[_Response]):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._scopes.renew_forever)
                 try:
-                    yield
+                    # Closed before the goodbyes, which must not refuse the
+                    # releases a lost answer's reader may still make.
+                    async with trio.open_nursery() as lost_answers:
+                        self._lost_answers = lost_answers
+                        try:
+                            yield
+                        finally:
+                            self._lost_answers = None
                 finally:
                     nursery.cancel_scope.cancel()
                     with trio.CancelScope(shield=True):
@@ -338,8 +405,15 @@ class HttpPeerClient(MessageClient[_Response]):
     async def _next_stream_message(
         self, call: _Response
     ) -> StreamEvent | SubWorkflowResponse | None:
-        body = await _next_message(call)
-        return None if body is None else decode_json_stream_body(body)
+        try:
+            body = await _next_message(call)
+            message = None if body is None else decode_json_stream_body(body)
+        except PeerError:
+            call.settled = True  # a failure line, or an answer that cannot be read
+            raise
+        if isinstance(message, SubWorkflowResponse):
+            call.settled = True  # the caller holds the refs now
+        return message
 
     def _chunks(self, call: _Response) -> AsyncIterator[bytes]:
         return _Chunks(call)
@@ -356,28 +430,84 @@ class HttpPeerClient(MessageClient[_Response]):
         """Send one request and yield its 200 answer; anything else is raised.
 
         A connection goes back to the pool only after a complete exchange; a
-        call cancelled midway closes it, which tells the peer to cancel too.
+        call cancelled midway closes it, which tells the peer to cancel too
+        (or hands it to :meth:`_read_lost_answer`).
         """
         if self._closed:
             raise PeerTransportError("this HttpPeerClient is closed")
         target = f"{self._prefix}{JSON_PATH_PREFIX.decode()}{method}".encode()
-        async with self._limiter:
-            conn, response = await self._send(target, body)
-            reusable = False
-            try:
-                if response.status != 200:
-                    raise await _error_from(response)
-                yield response
-                reusable = conn.reusable()
-            finally:
-                if reusable and not self._closed:
-                    conn.h11.start_next_cycle()
-                    self._idle.append(conn)
-                else:
-                    await trio.aclose_forcefully(conn.stream)
+        # The pool slot is held by a token, not by this task, so that the
+        # reader of an answer this call gives up on can keep it.
+        slot = object()
+        await self._limiter.acquire_on_behalf_of(slot)
+        try:
+            conn = await self._checkout()
+        except BaseException:
+            self._limiter.release_on_behalf_of(slot)
+            raise
+        response = _Response(conn, self._limits.max_message_size)
+        try:
+            await self._send(conn, target, body, response)
+            if response.status != 200:
+                raise await _error_from(response)
+            yield response
+        finally:
+            await self._finish(conn, response, method, slot)
 
-    async def _send(self, target: bytes, body: bytes) -> tuple[_Connection, _Response]:
-        """Send one request and read the status of its answer.
+    async def _finish(
+        self, conn: _Connection, response: _Response, method: str, slot: object
+    ) -> None:
+        """After a call: pool its connection, close it, or hand it to a lost answer's reader."""
+        if conn.reusable() and not self._closed:
+            conn.h11.start_next_cycle()
+            self._idle.append(conn)
+            self._limiter.release_on_behalf_of(slot)
+        elif self._lost_answers is not None and _lost_answer(conn, response, method):
+            self._lost_answers.start_soon(self._read_lost_answer, conn, response, method, slot)
+        else:
+            self._limiter.release_on_behalf_of(slot)
+            await trio.aclose_forcefully(conn.stream)
+
+    async def _read_lost_answer(
+        self, conn: _Connection, response: _Response, method: str, slot: object
+    ) -> None:
+        """Read out the answer of a call its caller gave up on; release the refs it hands out.
+
+        A close cannot tell the peer whether its answer was read: it has
+        handed out the refs once the answer left. So the connection is
+        half-closed instead, which the peer takes as a close (it cancels the
+        run if it is still going, and its refs go with it), and the answer
+        is read to its end. If it is a complete response, this client is
+        the only one that knows its refs, and releases them. Each part is
+        bounded by ``keepalive_timeout``, and shielded: leaving the client's
+        ``async with`` waits for it rather than orphan the refs.
+        """
+        timeout = self._limits.keepalive_timeout
+        refs: list[str] = []
+        with trio.CancelScope(shield=True):
+            try:
+                with trio.move_on_after(timeout) as reading:
+                    with contextlib.suppress(PeerError):  # a broken answer hands out nothing
+                        refs = await _refs_of_lost_answer(conn, response, method)
+            finally:
+                self._limiter.release_on_behalf_of(slot)
+                await trio.aclose_forcefully(conn.stream)
+            if reading.cancelled_caught:
+                # Closing now fails the peer's send if it is still to come
+                # (it then drops the refs); an answer that was on its way stays.
+                self._log.warning(
+                    "gave up reading an answer nobody read from %s after %gs; refs it "
+                    "hands out may stay on the peer",
+                    conn.where,
+                    timeout,
+                )
+            if refs:
+                await release_lost_refs(self.release_session_ref, refs, timeout, self._log)
+
+    async def _send(
+        self, conn: _Connection, target: bytes, body: bytes, response: _Response
+    ) -> None:
+        """Send one request and read the status of its answer into ``response``.
 
         The request goes out once, and is never resent: as soon as any of its
         bytes may have reached the peer, the peer may have started the run,
@@ -398,15 +528,8 @@ class HttpPeerClient(MessageClient[_Response]):
         trace = current_trace_context()
         if trace is not None:
             headers.extend(trace_headers(trace))
-        request = h11.Request(method="POST", target=target, headers=headers)
-        conn = await self._checkout()
-        try:
-            await conn.send(request)
-            status = await _send_body_reading_answer(conn, body)
-        except BaseException:
-            await trio.aclose_forcefully(conn.stream)
-            raise
-        return conn, _Response(conn, status, self._limits.max_message_size)
+        await conn.send(h11.Request(method="POST", target=target, headers=headers))
+        await _send_body_reading_answer(conn, body, response)
 
     async def _checkout(self) -> _Connection:
         """A kept-alive connection that still looks open, or else a new one."""
@@ -433,8 +556,8 @@ class HttpPeerClient(MessageClient[_Response]):
         return _Connection(stream, self.endpoint.authority)
 
 
-async def _send_body_reading_answer(conn: _Connection, body: bytes) -> int:
-    """Send the request body while watching for the answer; return its status.
+async def _send_body_reading_answer(conn: _Connection, body: bytes, response: _Response) -> None:
+    """Send the request body while watching for the answer; read its status.
 
     A peer may answer before it has read the body: a ``413`` for a body over
     its limit, which it then reads (and drops) only for a while before it
@@ -457,27 +580,60 @@ async def _send_body_reading_answer(conn: _Connection, body: bytes) -> int:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(send_body)
             try:
-                status = await _response_status(conn)
+                status = await response.read_status()
             except PeerTransportError:
                 if send_failure is not None:
                     raise send_failure from None
                 raise
             if status != 200:
                 nursery.cancel_scope.cancel()  # refused: the rest of the body is not wanted
-    return status
 
 
-async def _response_status(conn: _Connection) -> int:
-    while True:
-        event = await conn.next_event()
-        if isinstance(event, h11.Response):
-            return event.status_code
-        if isinstance(event, h11.ConnectionClosed):
-            raise conn.closed_error(answered=False)
-        # 1xx informational answers come before the real one.
+def _lost_answer(conn: _Connection, response: _Response, method: str) -> bool:
+    """Whether a call left its answer unread after its request went out whole.
+
+    Only an answer that may hand out refs counts, and only on a stream that
+    can half-close: a TLS stream cannot, so it is closed at once as before.
+    """
+    return (
+        method in _HANDS_OUT_REFS
+        and conn.request_sent
+        and response.status in (None, 200)
+        and not response.settled
+        and isinstance(conn.stream, trio.abc.HalfCloseableStream)
+    )
+
+
+async def _refs_of_lost_answer(conn: _Connection, response: _Response, method: str) -> list[str]:
+    """Half-close ``conn``, read the rest of ``response``; the refs a complete one hands out.
+
+    What the caller had read already stays accounted for: h11 holds the
+    connection's place in the answer, and ``response`` the unread part of
+    its body. The answer is bounded as the caller's read was: by the
+    message size limit, for the whole body or for each streamed line.
+
+    Raises:
+        PeerError: the answer broke off, failed, or could not be read.
+    """
+    assert isinstance(conn.stream, trio.abc.HalfCloseableStream)
+    # A peer that closed already may have left its whole answer to read.
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        await conn.stream.send_eof()
+    status = response.status if response.status is not None else await response.read_status()
+    if status != 200:
+        return []  # refused or cut off: nothing was handed out
+    if method == "StreamSubWorkflow":
+        last = None
+        while (message := await _next_message(response)) is not None:
+            last = message  # events, then the final response
+        final = None if last is None else decode_json_stream_body(last)
+    else:
+        final = decode_json(SubWorkflowResponse, await response.read_all())
+    return list(final.remote_refs) if isinstance(final, SubWorkflowResponse) else []
 
 
 async def _error_from(response: _Response) -> PeerError:
+    assert response.status is not None
     status = status_for_http(response.status)
     details = None
     with contextlib.suppress(PeerError):  # no usable body: the status alone decides
