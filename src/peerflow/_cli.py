@@ -276,11 +276,14 @@ def _serve_command(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         tls = load_server_tls(args.tls_cert, args.tls_key, args.tls_ca)
     limits = Limits() if args.drain_grace is None else Limits(drain_grace=args.drain_grace)
     server = PeerServer(args.node_id, registry=registry, tls=tls, limits=limits)
+    # The level is peerflow's own: other libraries keep to warnings, since
+    # hpack's debug log prints every request header, the bearer token too.
     logging.basicConfig(
-        level=args.log_level.upper(),
+        level=logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("peerflow").setLevel(args.log_level.upper())
     host, port = args.bind
     with for_node(args.node_id):  # the CLI's own records, and trio.run's tasks
         _log.info("serving %d steps: %s", len(registry), ", ".join(sorted(registry)))
