@@ -1,0 +1,233 @@
+"""A WebSocket call given up as its response arrives: the response's refs are released.
+
+The peer may send a call's response before it reads the call's cancel frame;
+the refs that response hands out then live on, and only the client learns
+their ids. These tests give up a call at each moment of that window, with
+the connection in memory and the client's reading held by a gate, and check
+that the peer's registry ends empty.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+import trio
+import trio.testing
+from ws_helpers import client_over
+
+from peerflow import (
+    Context,
+    PeerServer,
+    RefLifetime,
+    StartEvent,
+    StepRegistry,
+    StopEvent,
+    WebSocketPeerClient,
+    Workflow,
+)
+from peerflow._peer.ws_frames import EndFrame, encode_frame
+from peerflow.testing import open_memory_connection
+
+pytestmark = pytest.mark.usefixtures("mock_clock")  # time stands still: no keepalive pings
+
+
+class Hold:
+    """The step ``hold``: inserts an UNTIL_EXPLICIT_DROP ref, then waits for ``finish``."""
+
+    def __init__(self) -> None:
+        self.started = trio.Event()
+        self.finish = trio.Event()
+
+    async def step(self, event: StartEvent, ctx: Context) -> StopEvent:
+        ctx.refs.insert(b"kept", lifetime=RefLifetime.UNTIL_EXPLICIT_DROP)
+        self.started.set()
+        await self.finish.wait()
+        return StopEvent("done")
+
+
+class Gate(trio.abc.Stream):
+    """The client's end of the connection, whose incoming bytes the test can hold back.
+
+    From :meth:`hold_at` on, the bytes from ``marker`` (all of them for an
+    empty marker) wait in the gate until :meth:`release`.
+    """
+
+    def __init__(self, transport: trio.abc.Stream) -> None:
+        self.transport = transport
+        self._marker: bytes | None = None
+        self._held = b""
+        self._released = trio.Event()
+
+    def hold_at(self, marker: bytes = b"") -> None:
+        self._marker = marker
+
+    def release(self) -> None:
+        self._marker = None
+        self._released.set()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if self._held:
+            await self._released.wait()
+            data, self._held = self._held, b""
+            return data
+        data = bytes(await self.transport.receive_some(max_bytes))
+        if self._marker is not None and (at := data.find(self._marker)) != -1:
+            data, self._held = data[:at], data[at:]
+            if not data:
+                return await self.receive_some(max_bytes)
+        return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.transport.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.transport.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self.transport.aclose()
+
+
+@pytest.fixture
+def hold() -> Hold:
+    return Hold()
+
+
+@pytest.fixture
+def server(hold: Hold) -> PeerServer:
+    registry = StepRegistry()
+    Workflow("w", registry=registry).add_step("hold", [StartEvent], hold.step)
+    return PeerServer("node-b", registry=registry, token=None)
+
+
+@pytest.fixture
+async def gate(server: PeerServer) -> AsyncIterator[Gate]:
+    async with open_memory_connection(server) as transport:
+        yield Gate(transport)
+
+
+@pytest.fixture
+async def client(gate: Gate) -> AsyncIterator[WebSocketPeerClient]:
+    async with client_over(gate) as client:
+        try:
+            yield client
+        finally:
+            gate.release()  # a failed test must not leave the client's exit waiting
+
+
+async def start_invoke(
+    nursery: trio.Nursery, client: WebSocketPeerClient, hold: Hold
+) -> trio.CancelScope:
+    """Start an invoke of ``hold`` in ``nursery``; its scope, once the step runs."""
+    scope = trio.CancelScope()
+
+    async def call() -> None:
+        with scope:
+            await client.invoke_sub_workflow("w", ["hold"])
+        assert scope.cancelled_caught, "the call was meant to be given up"
+
+    nursery.start_soon(call)
+    await hold.started.wait()
+    return scope
+
+
+def end_frame_bytes(call_id: int) -> bytes:
+    """An end frame as the server puts it on the wire (a short, unmasked binary message)."""
+    payload = encode_frame(EndFrame(call_id))
+    return bytes([0x82, len(payload)]) + payload
+
+
+async def test_a_call_read_whole_keeps_its_refs(
+    server: PeerServer, client: WebSocketPeerClient, hold: Hold
+) -> None:
+    hold.finish.set()
+    response = await client.invoke_sub_workflow("w", ["hold"])
+    await trio.testing.wait_all_tasks_blocked()
+    assert len(response.remote_refs) == 1
+    assert len(server.refs) == 1
+    assert client._lost == {}
+    (ref_uuid,) = response.remote_refs
+    assert await client.release_session_ref(ref_uuid)
+
+
+async def test_a_call_cancelled_before_its_outcome_leaves_nothing(
+    server: PeerServer, client: WebSocketPeerClient, gate: Gate, hold: Hold
+) -> None:
+    async with trio.open_nursery() as nursery:
+        scope = await start_invoke(nursery, client, hold)
+        assert len(server.refs) == 1
+        gate.hold_at()  # the pong that follows the cancel frame waits here
+        scope.cancel()
+        await trio.testing.wait_all_tasks_blocked()
+    assert len(server.refs) == 0  # the peer cancelled the run and purged its ref
+    assert len(client._lost) == 1  # late frames are still looked for...
+    gate.release()
+    await trio.testing.wait_all_tasks_blocked()
+    assert client._lost == {}  # ...until the pong says none can come
+
+
+async def test_a_response_in_flight_after_the_cancel_frame_is_released(
+    server: PeerServer, client: WebSocketPeerClient, gate: Gate, hold: Hold
+) -> None:
+    async with trio.open_nursery() as nursery:
+        scope = await start_invoke(nursery, client, hold)
+        gate.hold_at()
+        hold.finish.set()
+        await trio.testing.wait_all_tasks_blocked()  # the peer sent the response
+        scope.cancel()
+        await trio.testing.wait_all_tasks_blocked()
+    # The peer delivered the response: only the client can release its ref.
+    assert len(server.refs) == 1
+    gate.release()
+    await trio.testing.wait_all_tasks_blocked()
+    assert len(server.refs) == 0
+    assert client._lost == {}
+    assert client._releasing == 0
+
+
+async def test_a_response_read_before_its_end_frame_is_released(
+    server: PeerServer, client: WebSocketPeerClient, gate: Gate, hold: Hold
+) -> None:
+    async with trio.open_nursery() as nursery:
+        scope = await start_invoke(nursery, client, hold)
+        gate.hold_at(end_frame_bytes(2))  # call 1 opened the client's lease
+        hold.finish.set()
+        await trio.testing.wait_all_tasks_blocked()  # the caller has read the response
+        scope.cancel()
+        await trio.testing.wait_all_tasks_blocked()
+    assert len(server.refs) == 0
+    gate.release()
+    await trio.testing.wait_all_tasks_blocked()
+    assert client._lost == {}
+
+
+async def test_a_stream_response_left_unread_is_released(
+    server: PeerServer, client: WebSocketPeerClient, hold: Hold
+) -> None:
+    with trio.CancelScope() as scope:
+        async with client.stream_sub_workflow("w", ["hold"]):
+            await hold.started.wait()
+            hold.finish.set()
+            # The response and the end frame arrive while nobody reads them.
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(server.refs) == 1
+            scope.cancel()
+            await trio.sleep_forever()
+    await trio.testing.wait_all_tasks_blocked()
+    assert len(server.refs) == 0
+    assert client._lost == {}
+
+
+async def test_leaving_the_client_waits_for_a_lost_response(
+    server: PeerServer, gate: Gate, hold: Hold
+) -> None:
+    async with client_over(gate) as client, trio.open_nursery() as nursery:
+        scope = await start_invoke(nursery, client, hold)
+        gate.hold_at()
+        hold.finish.set()
+        await trio.testing.wait_all_tasks_blocked()
+        scope.cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(server.refs) == 1
+        gate.release()  # the client's exit reads the response and releases its ref
+    assert len(server.refs) == 0
