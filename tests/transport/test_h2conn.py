@@ -305,8 +305,11 @@ async def test_graceful_close_cancels_stragglers_after_grace(autojump_clock: obj
         start = trio.current_time()
         await server.aclose(grace_period=5.0)
         assert cancelled_at == [pytest.approx(start + 5.0)]
-        with pytest.raises(PeerTransportError):
+        # Reset, not just dropped with the connection: the client can tell
+        # the call was cut off (gRPC clients report CANCELLED, not UNAVAILABLE).
+        with pytest.raises(PeerTransportError, match="reset by the peer"):
             await stream.receive_headers()
+        assert stream.reset_code == ErrorCodes.CANCEL
 
 
 async def test_cancelling_serve_drains_gracefully(autojump_clock: object) -> None:

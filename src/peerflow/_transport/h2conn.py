@@ -1307,6 +1307,11 @@ class _Connection:
             else:
                 stream.reset(ErrorCodes.CANCEL)
         with trio.move_on_after(min(grace_period, 1.0)):
+            # A cancelled handler resets its stream (CANCEL) as it ends; the
+            # client must get that, or it cannot tell "cut off" from "never
+            # started" (gRPC would report UNAVAILABLE).
+            while self._streams and self._error is None:
+                await self._idle_lot.park()
             await self._wait_drained()
         self._terminate(PeerTransportError("connection closed"))
 
