@@ -27,6 +27,7 @@ from peerflow import (
     Workflow,
 )
 from peerflow._peer.ws_frames import EndFrame, encode_frame
+from peerflow._peer.ws_server import _Session
 from peerflow.testing import open_memory_connection
 
 pytestmark = pytest.mark.usefixtures("mock_clock")  # time stands still: no keepalive pings
@@ -166,6 +167,35 @@ async def test_a_call_cancelled_before_its_outcome_leaves_nothing(
     assert client._lost == {}  # ...until the pong says none can come
 
 
+@pytest.fixture
+def peer_keeps_answered_refs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the peer ignore a cancel frame for a call it has answered, as older peers do.
+
+    Then only the client can release the refs of the answer it gave up on.
+    """
+    monkeypatch.setattr(_Session, "_watcher", lambda self, frame_id: lambda on_lost: None)
+
+
+async def test_a_cancel_frame_after_the_answer_makes_the_peer_drop_its_refs(
+    server: PeerServer, client: WebSocketPeerClient, gate: Gate, hold: Hold
+) -> None:
+    async with trio.open_nursery() as nursery:
+        scope = await start_invoke(nursery, client, hold)
+        gate.hold_at()
+        hold.finish.set()
+        await trio.testing.wait_all_tasks_blocked()  # the peer sent the response
+        assert len(server.refs) == 1
+        scope.cancel()
+        await trio.testing.wait_all_tasks_blocked()
+    # The cancel frame named a call the peer had answered: it dropped the refs.
+    assert len(server.refs) == 0
+    gate.release()
+    await trio.testing.wait_all_tasks_blocked()
+    assert client._lost == {}
+    assert client._releasing == 0
+
+
+@pytest.mark.usefixtures("peer_keeps_answered_refs")
 async def test_a_response_in_flight_after_the_cancel_frame_is_released(
     server: PeerServer, client: WebSocketPeerClient, gate: Gate, hold: Hold
 ) -> None:
@@ -218,6 +248,7 @@ async def test_a_stream_response_left_unread_is_released(
     assert client._lost == {}
 
 
+@pytest.mark.usefixtures("peer_keeps_answered_refs")
 async def test_leaving_the_client_waits_for_a_lost_response(
     server: PeerServer, gate: Gate, hold: Hold
 ) -> None:

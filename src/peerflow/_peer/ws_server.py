@@ -46,6 +46,7 @@ from .._wire.envelopes import (
     ReleaseSessionRefRequest,
     ReleaseSessionRefResponse,
     StreamEvent,
+    SubWorkflowResponse,
 )
 from ..errors import (
     PeerEncodeError,
@@ -91,6 +92,8 @@ _NORMAL_CLOSURE: Final = 1000
 _GOING_AWAY: Final = 1001
 _UNSUPPORTED_DATA: Final = 1003
 _INVALID_PAYLOAD: Final = 1007
+# Answered calls whose refs a late cancel frame may still drop, per connection.
+_MAX_ANSWERED: Final = 1024
 
 
 @final
@@ -241,6 +244,9 @@ class _Session:
         self._broken = False
         self._methods = server.methods
         self._drain = drain
+        # Calls answered with refs, oldest first: a cancel frame for one of
+        # them says the client gave up before it handed the answer on.
+        self._answered: dict[int, Callable[[], None]] = {}
         #: Whether the session ended because the drain let its last call finish.
         self.drained = False
         #: Why the session ended for want of calls (the close reason), or "".
@@ -317,6 +323,9 @@ class _Session:
                 scope = self._running.get(frame.id)
                 if scope is not None:
                     scope.cancel()
+                on_lost = self._answered.pop(frame.id, None)
+                if on_lost is not None:
+                    on_lost()
                 continue
             if self._drain.started:
                 await self._send_status(
@@ -435,14 +444,38 @@ class _Session:
         await self._send(MessageFrame(frame_id, body))
         await self._send(EndFrame(frame_id))
 
+    async def _answer(self, frame_id: int, response: SubWorkflowResponse, body: bytes) -> None:
+        """Send a call's final response, unless the client has cancelled the call.
+
+        A client that cancels as the answer goes out never hands it on: the
+        response's refs are dropped when the cancel frame comes before the
+        answer, while it is being sent, or (for the last answers with refs)
+        after it.
+        """
+        with self._service.delivering(response, self._caller, self._watcher(frame_id)):
+            # Sends are shielded: a cancel frame that came first must stop it here.
+            await trio.lowlevel.checkpoint_if_cancelled()
+            await self._reply(frame_id, body)
+
+    def _watcher(self, frame_id: int) -> Callable[[Callable[[], None]], None]:
+        def watch(on_lost: Callable[[], None]) -> None:
+            if self._running[frame_id].cancel_called:  # the cancel came as it went out
+                on_lost()
+                return
+            answered = self._answered
+            answered[frame_id] = on_lost
+            if len(answered) > _MAX_ANSWERED:
+                del answered[next(iter(answered))]
+
+        return watch
+
     # -- methods -------------------------------------------------------------------
 
     async def invoke(self, frame_id: int, raw: bytes, deadline: float) -> None:
         """InvokeSubWorkflow: one response message, then the end frame."""
         request = decode_message(InvokeSubWorkflowRequest, raw)
         response = await self._service.invoke(request, self._caller, deadline=deadline)
-        with self._service.delivering(response, self._caller):
-            await self._reply(frame_id, encode_response(encode_message, response))
+        await self._answer(frame_id, response, encode_response(encode_message, response))
 
     async def stream(self, frame_id: int, raw: bytes, deadline: float) -> None:
         """StreamSubWorkflow: a message per event, the response, then the end frame."""
@@ -456,8 +489,7 @@ class _Session:
         response = await self._service.invoke(
             request, self._caller, deadline=deadline, on_event=forward
         )
-        with self._service.delivering(response, self._caller):
-            await self._reply(frame_id, encode_response(encode_stream_message, response))
+        await self._answer(frame_id, response, encode_response(encode_stream_message, response))
 
     async def deref(self, frame_id: int, raw: bytes, deadline: float) -> None:
         """DerefSessionRef: a message per chunk, then the end frame."""
