@@ -99,6 +99,12 @@ async def test_limits_and_errors(
         assert (status, json.loads(body)["error"]["step_id"]) == (404, "nope")
         status, _, _ = await call(conn, "InvokeSubWorkflow", b"{}", b"text/plain")
         assert status == 415
+        # A wrong verb is answered as on HTTP/1.1: 405, Allow and an error body.
+        get = [(b":method", b"GET"), *headers("InvokeSubWorkflow")[1:]]
+        async with await conn.open_stream(get, end_stream=True) as stream:
+            status, fields, body = await answer(stream)
+        assert (status, fields[b"allow"]) == (405, b"POST")
+        assert json.loads(body)["error"]["code"] == "method_not_allowed"
         # A body that never ends: 408 after the request timeout.
         start = trio.current_time()
         async with await conn.open_stream(headers("InvokeSubWorkflow")) as stream:

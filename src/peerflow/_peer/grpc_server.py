@@ -116,15 +116,12 @@ class GrpcHandler:
     async def __call__(self, stream: ServerStream) -> None:
         """Serve one call; every failure becomes the call's gRPC status."""
         name_call(stream.header(_CALL_ID), stream.connection, stream.stream_id)
-        method = self._methods.get(stream.path)
-        if stream.method != b"POST":
-            stream.send_headers([(b":status", b"405")], end_stream=True)
-            return
         content_type = stream.content_type
         if content_type != _CONTENT_TYPE and (
             content_type is None or not grpc.is_grpc_content_type(content_type.decode("latin-1"))
         ):
             if self._json_handler is not None and stream.path.startswith(JSON_PATH_PREFIX):
+                # It answers a wrong verb or content type itself (after the token).
                 await self._json_handler(stream)
                 return
             stream.send_headers(
@@ -132,6 +129,10 @@ class GrpcHandler:
             )
             await stream.send_data(b"expected content-type application/grpc", end_stream=True)
             return
+        if stream.method != b"POST":
+            stream.send_headers([(b":status", b"405")], end_stream=True)
+            return
+        method = self._methods.get(stream.path)
         traceparent = stream.header(_TRACEPARENT)
         with self._gate.trace(
             traceparent, traceparent and stream.header(_TRACESTATE), stream.path, "grpc"
