@@ -98,6 +98,7 @@ def test_message_percent_encoding_follows_the_grpc_spec() -> None:
     assert encode_grpc_message("step 'a' failed: 50%") == "step 'a' failed: 50%25"
     assert encode_grpc_message("é\n") == "%C3%A9%0A"
     assert decode_grpc_message("%C3%A9%0A 50%25") == "é\n 50%"
+    assert encode_grpc_message(" spaced out ") == "%20spaced out%20"
 
 
 def test_message_decoding_keeps_malformed_escapes() -> None:
@@ -110,6 +111,7 @@ def test_message_decoding_keeps_malformed_escapes() -> None:
 def test_message_encoding_round_trips_and_is_printable_ascii(text: str) -> None:
     encoded = encode_grpc_message(text)
     assert all(0x20 <= ord(c) < 0x7F for c in encoded)
+    assert encoded == encoded.strip()  # HTTP/2 field values neither start nor end with space
     expected = text.encode("utf-8", "backslashreplace").decode("utf-8")
     assert decode_grpc_message(encoded) == expected
 

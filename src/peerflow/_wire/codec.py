@@ -529,7 +529,7 @@ def _unpack(
     except _Invalid as exc:
         raise PeerEncodeError(exc.reason) from None
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
-        raise PeerEncodeError(f"malformed msgpack: {exc or type(exc).__name__}") from None
+        raise PeerEncodeError(f"malformed msgpack: {str(exc) or type(exc).__name__}") from None
     if type(body) is not dict:
         raise PeerEncodeError(f"message must be a msgpack map, got {type(body).__name__}")
     check_envelope_version(body.get("v"))

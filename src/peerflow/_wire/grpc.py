@@ -232,9 +232,18 @@ _PERCENT_RE: Final = re.compile(rb"%([0-9A-Fa-f]{2})")
 
 
 def encode_grpc_message(message: str) -> str:
-    """Percent-encode a status message for the ``grpc-message`` trailer."""
+    """Percent-encode a status message for the ``grpc-message`` trailer.
+
+    A leading or trailing space is encoded too: HTTP/2 forbids field values
+    that begin or end with whitespace (RFC 9113 8.2.1).
+    """
     raw = message.encode("utf-8", "backslashreplace")
-    return "".join(chr(b) if b in _UNRESERVED else f"%{b:02X}" for b in raw)
+    encoded = "".join(chr(b) if b in _UNRESERVED else f"%{b:02X}" for b in raw)
+    if encoded.startswith(" "):
+        encoded = "%20" + encoded[1:]
+    if encoded.endswith(" "):
+        encoded = encoded[:-1] + "%20"
+    return encoded
 
 
 def decode_grpc_message(value: str | bytes) -> str:
