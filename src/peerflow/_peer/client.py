@@ -40,6 +40,7 @@ from .logs import PeerLogger, for_node
 from .trace import current_trace_context, trace_headers
 
 __all__ = [
+    "LostRefs",
     "PeerClient",
     "StreamCall",
     "deadline_scope",
@@ -148,7 +149,7 @@ class PeerClient:
             headers.append(bearer_header(token))
         self._base_headers: Final = tuple(headers)
         self._method_headers: dict[grpc.MethodSpec, tuple[tuple[bytes, bytes], ...]] = {}
-        self._background: trio.Nursery | None = None
+        self._lost = LostRefs(self.release_session_ref, limits.keepalive_timeout, self._log)
 
     @staticmethod
     def connect(
@@ -463,15 +464,8 @@ class PeerClient:
         # The call was given up as its response arrived whole: no RST_STREAM
         # goes out for an ended stream, so the peer thinks it delivered the
         # refs, and only this client can release them.
-        if isinstance(response, SubWorkflowResponse) and response.remote_refs:
-            assert self._background is not None
-            self._background.start_soon(
-                release_lost_refs,
-                self.release_session_ref,
-                list(response.remote_refs),
-                self._limits.keepalive_timeout,
-                self._log,
-            )
+        if isinstance(response, SubWorkflowResponse):
+            self._lost.release(response)
 
     def _headers_for(self, method: grpc.MethodSpec) -> tuple[tuple[bytes, bytes], ...]:
         headers = self._method_headers.get(method)
@@ -515,6 +509,49 @@ async def release_lost_refs(
             log.warning("could not release the refs of a response nobody read: %s", exc)
     if waiting.cancelled_caught:
         log.warning("could not release the refs of a response nobody read within %gs", timeout)
+
+
+@final
+class LostRefs:
+    """Releases, in the background, the refs of responses their callers gave up on.
+
+    Args:
+        release: releases one ref on the peer.
+        timeout: bounds the releases of one response.
+        log: the client's logger.
+    """
+
+    def __init__(
+        self, release: Callable[[str], Awaitable[bool]], timeout: float, log: PeerLogger
+    ) -> None:
+        self._release = release
+        self._timeout = timeout
+        self._log = log
+        self._nursery: trio.Nursery | None = None
+        self._pending = 0
+        self._done = trio.lowlevel.ParkingLot()
+
+    def start(self, nursery: trio.Nursery) -> None:
+        """Run the releases in ``nursery`` (the client's background tasks)."""
+        self._nursery = nursery
+
+    def release(self, response: SubWorkflowResponse) -> None:
+        """Release the refs ``response`` hands out, in the background."""
+        if response.remote_refs and self._nursery is not None:
+            self._pending += 1
+            self._nursery.start_soon(self._run, list(response.remote_refs))
+
+    async def _run(self, ref_uuids: list[str]) -> None:
+        try:
+            await release_lost_refs(self._release, ref_uuids, self._timeout, self._log)
+        finally:
+            self._pending -= 1
+            self._done.unpark_all()
+
+    async def wait(self) -> None:
+        """Wait for the releases under way (for the client's exit)."""
+        while self._pending:
+            await self._done.park()
 
 
 def _decode_response(message: bytes | memoryview) -> SubWorkflowResponse:
@@ -714,15 +751,16 @@ async def open_client_over(
                     conn, endpoint, node_id, token=token, limits=limits, lease_ttl=lease_ttl
                 )
                 nursery = await stack.enter_async_context(trio.open_nursery())
-                client._background = nursery
+                client._lost.start(nursery)
                 await client._open_lease(client._root)
                 if client._leases_supported:
                     nursery.start_soon(client._renew_leases)
             try:
                 yield client
             finally:
-                nursery.cancel_scope.cancel()
                 with trio.CancelScope(shield=True):
+                    await client._lost.wait()  # each bounded by keepalive_timeout
+                    nursery.cancel_scope.cancel()
                     await client._close_scope(client._root)
 
 

@@ -4,9 +4,9 @@ For callers that can keep one HTTP/1.1 connection open but cannot speak
 HTTP/2 (a proxy that upgrades WebSockets but not h2, for one). The messages
 are the gRPC variant's msgpack envelopes, wrapped in frames
 (protocol/README.md section 7). One reader task hands each frame to the call
-it names; cancelling a call sends a cancel frame. A response the peer sent
-before it read that frame is still looked for, and the refs it hands out
-are released: nobody else learns their ids (see ``_LostCall``).
+it names; cancelling a call sends a cancel frame, unless the call's whole
+answer had already arrived unread: the client then releases the refs that
+answer hands out itself (see ``WebSocketPeerClient._unread_answer``).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from .._wire.envelopes import (
 )
 from ..errors import PeerError, PeerTimeoutError, PeerTransportError, PeerUnavailableError
 from .auth import bearer_header, resolve_peer_token
-from .client import Endpoint, deadline_scope, release_lost_refs
+from .client import Endpoint, LostRefs, deadline_scope
 from .http_json import WEBSOCKET_PATH
 from .json_codec import parse_json_line
 from .limits import Limits
@@ -81,9 +81,8 @@ def _decode_response(body: bytes) -> SubWorkflowResponse:
 
 
 # The methods whose answer hands out refs (in a SubWorkflowResponse), with
-# how their messages decode: a call of theirs given up before its end may
-# have a response on the way that nobody else will read (see _LostCall).
-_LOST_DECODERS: Final[dict[str, Callable[[bytes], object]]] = {
+# how their messages decode (see WebSocketPeerClient._unread_answer).
+_HANDS_OUT_REFS: Final[dict[str, Callable[[bytes], object]]] = {
     "InvokeSubWorkflow": _decode_response,
     "StreamSubWorkflow": decode_stream_message,
 }
@@ -99,8 +98,8 @@ class _CallReader:
         self._frames = frames
         self._client = client
         self.finished = False
-        #: A response message read but not yet handed to the caller (a unary
-        #: call waiting for its end frame): lost if the call is given up now.
+        #: A unary call's response message, read while the call waits for its
+        #: end frame: the caller has not seen it yet.
         self.held: bytes | None = None
 
     async def next_body(self) -> bytes | None:
@@ -129,45 +128,6 @@ class _CallReader:
 
 
 @final
-class _LostCall:
-    """The frames of a call given up before its end, checked for a response to release.
-
-    The peer may have sent the call's response before it read the cancel
-    frame. Its refs then live on, and only this client learns their ids:
-    ``release`` is handed each such response. The frames themselves are not
-    kept. The call is over (``ended``) at its end or error frame, or once the
-    pong of a ping sent after the cancel frame is back; ``scope`` is that
-    wait's, cancelled when the connection ends.
-    """
-
-    def __init__(
-        self,
-        decode: Callable[[bytes], object],
-        release: Callable[[SubWorkflowResponse], None],
-    ) -> None:
-        self._decode = decode
-        self._release = release
-        self.ended = False
-        self.scope = trio.CancelScope()
-
-    def take_body(self, body: bytes) -> None:
-        """Check one message of the call: a response is released."""
-        try:
-            message = self._decode(body)
-        except PeerError:
-            return  # not a response anyone could use
-        if isinstance(message, SubWorkflowResponse):
-            self._release(message)
-
-    def take(self, frame: ServerFrame) -> None:
-        """Check one frame of the call; its end or error frame ends it."""
-        if isinstance(frame, MessageFrame):
-            self.take_body(frame.body)
-        else:
-            self.ended = True
-
-
-@final
 class WebSocketPeerClient(MessageClient[_CallReader]):
     """A connection to one peer over one WebSocket: ``async with WebSocketPeerClient.connect(...)``.
 
@@ -193,15 +153,7 @@ class WebSocketPeerClient(MessageClient[_CallReader]):
         self._log = PeerLogger("client", node_id)
         self._ids = itertools.count(1)
         self._calls: dict[int, trio.MemorySendChannel[ServerFrame]] = {}
-        # Calls given up before their end whose late frames are still checked.
-        self._lost: dict[int, _LostCall] = {}
-        # Background releases of lost responses under way, and a lot woken
-        # whenever that or _lost shrinks (the client's exit waits for both).
-        self._releasing = 0
-        self._lost_settled = trio.lowlevel.ParkingLot()
-        # Where lost calls are watched and their refs released; set by
-        # open_websocket_client_over (without it, lost responses are not looked for).
-        self._background: trio.Nursery | None = None
+        self._lost = LostRefs(self.release_session_ref, limits.keepalive_timeout, self._log)
         self._failure: PeerTransportError | None = None
         self._scopes = RefScopes(
             lease=self._lease,
@@ -311,15 +263,11 @@ class WebSocketPeerClient(MessageClient[_CallReader]):
         finally:
             del self._calls[call_id]
             send.close()
-            lost = None
-            decode = _LOST_DECODERS.get(method)
-            if decode is not None and not reader.finished:
-                lost = self._watch_lost(call_id, reader, receive, decode)
+            answered = reader.finished or self._unread_answer(method, reader, receive)
             receive.close()
-            # (An end frame among the unread ones means the call is over.)
-            if not reader.finished and self._failure is None and not (lost and lost.ended):
-                # The peer cancels the run and sends nothing more for this id
-                # once it reads this frame.
+            if not answered and self._failure is None:
+                # The peer cancels the run, drops the refs of an answer it
+                # has already sent, and sends nothing more for this id.
                 with (
                     trio.CancelScope(shield=True),
                     trio.move_on_after(self._limits.keepalive_timeout),
@@ -328,96 +276,38 @@ class WebSocketPeerClient(MessageClient[_CallReader]):
                         await self._send(CancelFrame(call_id))
                     except PeerError as exc:
                         self._log.debug("could not cancel call %d: %s", call_id, exc)
-                if lost is not None and self._lost.get(call_id) is lost:
-                    assert self._background is not None
-                    self._background.start_soon(self._forget_lost_after_pong, call_id, lost)
 
-    def _watch_lost(
+    def _unread_answer(
         self,
-        call_id: int,
+        method: str,
         reader: _CallReader,
         receive: trio.MemoryReceiveChannel[ServerFrame],
-        decode: Callable[[bytes], object],
-    ) -> _LostCall | None:
-        """Check what a given-up call left unread, and route its late frames to a sink.
+    ) -> bool:
+        """Whether a call left early had its whole answer here, unread.
 
-        Returns the sink (ended if the call's end was among the unread
-        frames), or None when there is nothing to watch: the connection is
-        gone, or the client has no background nursery.
+        The peer then considers the answer delivered, so no cancel frame
+        goes out, and the refs its response hands out are released here: the
+        caller, which would have learnt their ids, is gone.
         """
-        if self._failure is not None or self._background is None:
-            return None
-        lost = _LostCall(decode, self._release_lost)
-        if reader.held is not None:
-            lost.take_body(reader.held)
-        while not lost.ended:
+        decode = _HANDS_OUT_REFS.get(method)
+        last = reader.held
+        while True:
             try:
-                lost.take(receive.receive_nowait())
+                frame = receive.receive_nowait()
             except (trio.WouldBlock, trio.EndOfChannel):
+                return False
+            if isinstance(frame, MessageFrame):
+                last = frame.body
+            elif isinstance(frame, EndFrame):
                 break
-        if not lost.ended:
-            # No await since the call left _calls: the reader routes the
-            # next frame for this id (or the one in its hands) here.
-            self._lost[call_id] = lost
-        return lost
-
-    async def _forget_lost_after_pong(self, call_id: int, lost: _LostCall) -> None:
-        # The peer answers a ping after everything it sent before reading it,
-        # and this ping follows the cancel frame: once the pong is here,
-        # nothing more can come for the call. Its end frame may say so first;
-        # the wait still runs to the pong: cancelling it could cut the ping
-        # frame in half (trio-websocket's send is not shielded).
-        try:
-            with (
-                lost.scope,
-                trio.move_on_after(self._limits.keepalive_timeout) as waiting,
-                # A closed connection: the reader fails the calls, lost ones too.
-                contextlib.suppress(trio_websocket.ConnectionClosed),
-            ):
-                await self._ws.ping(b"peerflow-lost-%d" % call_id)
-            if waiting.cancelled_caught:
-                self._log.debug(
-                    "no pong within %gs after cancelling call %d",
-                    self._limits.keepalive_timeout,
-                    call_id,
-                )
-        finally:
-            if self._lost.get(call_id) is lost:
-                del self._lost[call_id]
-            self._lost_settled.unpark_all()
-
-    def _release_lost(self, response: SubWorkflowResponse) -> None:
-        # The peer thinks it delivered the refs; the caller that would have
-        # learnt their ids is gone. So this client releases them.
-        if not response.remote_refs:
-            return
-        assert self._background is not None
-        self._releasing += 1
-        self._background.start_soon(self._release_lost_refs, list(response.remote_refs))
-
-    async def _release_lost_refs(self, ref_uuids: list[str]) -> None:
-        try:
-            await release_lost_refs(
-                self.release_session_ref, ref_uuids, self._limits.keepalive_timeout, self._log
-            )
-        finally:
-            self._releasing -= 1
-            self._lost_settled.unpark_all()
-
-    def _take_lost(self, frame: ServerFrame) -> None:
-        """Hand a frame whose call has left to that call's sink, if it is watched."""
-        lost = self._lost.get(frame.id)
-        if lost is None:
-            return  # a call that has ended, or not one whose answer hands out refs
-        lost.take(frame)
-        if lost.ended:
-            del self._lost[frame.id]
-            self._lost_settled.unpark_all()
-
-    async def _wait_lost_settled(self) -> None:
-        """Wait until no given-up call can still deliver a response, and its refs are released."""
-        while self._lost or self._releasing:
-            await self._lost_settled.park()
+            else:
+                return True  # an error frame: a failed call hands out nothing
+        if decode is not None and last is not None:
+            with contextlib.suppress(PeerError):  # not a response anyone could use
+                response = decode(last)
+                if isinstance(response, SubWorkflowResponse):
+                    self._lost.release(response)
+        return True
 
     async def _send(self, frame: CallFrame | CancelFrame) -> None:
         """Send one frame whole: a cancelled caller never leaves half a frame behind.
@@ -443,11 +333,6 @@ class WebSocketPeerClient(MessageClient[_CallReader]):
             self._failure = failure
         for channel in self._calls.values():
             channel.close()
-        # Nothing more arrives for the calls given up either.
-        for lost in self._lost.values():
-            lost.scope.cancel()
-        self._lost.clear()
-        self._lost_settled.unpark_all()
 
     async def _watch_liveness(self) -> None:
         # A peer that vanished without closing must not leave calls hanging.
@@ -474,13 +359,10 @@ class WebSocketPeerClient(MessageClient[_CallReader]):
                     return
                 channel = self._calls.get(frame.id)
                 if channel is None:
-                    self._take_lost(frame)
-                    continue
-                try:
+                    continue  # a call that was cancelled or has ended
+                # The call may leave while its frame is on the way.
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                     await channel.send(frame)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    # The call left while this frame was on the way.
-                    self._take_lost(frame)
         except trio_websocket.ConnectionClosed as exc:
             self._fail_calls(_closed_error(exc))
 
@@ -661,7 +543,7 @@ async def open_websocket_client_over(
                 client = WebSocketPeerClient(
                     ws, transport, node_id, limits=limits, lease_ttl=lease_ttl
                 )
-                client._background = nursery
+                client._lost.start(nursery)
                 nursery.start_soon(client._read_frames)
                 nursery.start_soon(client._watch_liveness)
                 nursery.start_soon(client._scopes.renew_forever)
@@ -669,9 +551,7 @@ async def open_websocket_client_over(
                     yield client
                 finally:
                     with trio.CancelScope(shield=True):
-                        # A call given up just before may still hand out refs.
-                        with trio.move_on_after(limits.keepalive_timeout):
-                            await client._wait_lost_settled()
+                        await client._lost.wait()  # each bounded by keepalive_timeout
                         await client._scopes.close(client._scopes.root)
                         with trio.move_on_after(limits.keepalive_timeout):
                             await ws.aclose()
