@@ -558,6 +558,7 @@ class _Exchange:
         """Nothing: an HTTP/1.1 client that gives up only closes the connection.
 
         That looks the same whether or not it read the answer, so
-        ``HttpPeerClient`` reads to the end of an answer it was cancelled on
-        and releases what it hands out itself.
+        ``HttpPeerClient`` half-closes instead (which cancels a run still
+        going, as a close does), reads the answer out and releases what it
+        hands out itself.
         """
