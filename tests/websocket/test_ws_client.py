@@ -27,6 +27,7 @@ from peerflow import (
     WebSocketPeerClient,
     Workflow,
 )
+from peerflow.testing import open_memory_connection
 
 TIMEOUT = 20
 CONTEXT = "until_context_drop"
@@ -452,3 +453,21 @@ async def test_a_peer_that_closes_before_the_request_is_sent_is_unavailable(
     assert str(info.value).startswith(
         "memory:0 closed the connection before answering the WebSocket handshake"
     )
+
+
+async def test_a_client_block_cancelled_from_outside_still_says_goodbye_promptly(
+    server: PeerServer, autojump_clock: trio.testing.MockClock
+) -> None:
+    # The connection's reader must outlive the caller's cancellation for the
+    # root scope's Lease close and the closing handshake to be answered:
+    # each would otherwise wait out keepalive_timeout.
+    async with open_memory_connection(server) as transport:
+        with trio.move_on_after(5) as outside:
+            async with client_over(transport) as client:
+                response = await client.invoke_sub_workflow("w", ["refs"], [[PARENT, "bytes"]])
+                assert len(response.remote_refs) == 1
+                await trio.sleep_forever()
+        assert outside.cancelled_caught
+        assert trio.current_time() - outside.deadline < 1
+        await trio.testing.wait_all_tasks_blocked()
+        assert_no_trace(server)  # the lease closed, and its ref went with it

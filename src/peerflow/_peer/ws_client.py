@@ -367,6 +367,16 @@ class WebSocketPeerClient(MessageClient[_CallReader]):
             self._fail_calls(_closed_error(exc))
 
 
+async def _run_guarded(
+    guard: trio.CancelScope, *, task_status: trio.TaskStatus[trio.Nursery]
+) -> None:
+    """Hand out a nursery whose tasks only ``guard`` cancels, until it does."""
+    with guard:
+        async with trio.open_nursery() as nursery:
+            task_status.started(nursery)
+            await trio.sleep_forever()
+
+
 def _closed_error(exc: trio_websocket.ConnectionClosed) -> PeerTransportError:
     reason = exc.reason
     if reason is None:
@@ -517,45 +527,52 @@ async def open_websocket_client_over(
     watch = _HandshakeWatch(transport, endpoint.authority)
     try:
         with collapse_excgroups():
-            async with trio.open_nursery() as nursery:  # trio-websocket's reader task
-                ws = None
-                with trio.move_on_after(limits.handshake_timeout), watch.scope:
-                    ws = await trio_websocket.wrap_client_stream(
-                        nursery,
-                        watch,  # type: ignore[arg-type]  # any trio stream works
-                        endpoint.authority,
-                        prefix + WEBSOCKET_PATH.decode(),
-                        subprotocols=[SUBPROTOCOL],
-                        extra_headers=headers,
-                        max_message_size=limits.max_message_size + _FRAME_OVERHEAD,
-                    )
-                if ws is None:
-                    raise watch.failure or PeerTimeoutError(
-                        f"the WebSocket handshake with {endpoint.authority} did not complete "
-                        f"within {limits.handshake_timeout:g}s"
-                    )
-                watch.open = True
-                if ws.subprotocol != SUBPROTOCOL:
-                    raise PeerTransportError(
-                        f"the peer chose WebSocket subprotocol {ws.subprotocol!r}, "
-                        f"not {SUBPROTOCOL!r}"
-                    )
-                client = WebSocketPeerClient(
-                    ws, transport, node_id, limits=limits, lease_ttl=lease_ttl
-                )
-                client._lost.start(nursery)
-                nursery.start_soon(client._read_frames)
-                nursery.start_soon(client._watch_liveness)
-                nursery.start_soon(client._scopes.renew_forever)
+            async with trio.open_nursery() as outer:
+                # The connection's tasks (trio-websocket's reader among them)
+                # run shielded, as an HTTP/2 connection's do: a block
+                # cancelled from outside must still hear the goodbyes answered.
+                guard = trio.CancelScope(shield=True)
+                nursery = await outer.start(_run_guarded, guard)
                 try:
-                    yield client
+                    ws = None
+                    with trio.move_on_after(limits.handshake_timeout), watch.scope:
+                        ws = await trio_websocket.wrap_client_stream(
+                            nursery,
+                            watch,  # type: ignore[arg-type]  # any trio stream works
+                            endpoint.authority,
+                            prefix + WEBSOCKET_PATH.decode(),
+                            subprotocols=[SUBPROTOCOL],
+                            extra_headers=headers,
+                            max_message_size=limits.max_message_size + _FRAME_OVERHEAD,
+                        )
+                    if ws is None:
+                        raise watch.failure or PeerTimeoutError(
+                            f"the WebSocket handshake with {endpoint.authority} did not "
+                            f"complete within {limits.handshake_timeout:g}s"
+                        )
+                    watch.open = True
+                    if ws.subprotocol != SUBPROTOCOL:
+                        raise PeerTransportError(
+                            f"the peer chose WebSocket subprotocol {ws.subprotocol!r}, "
+                            f"not {SUBPROTOCOL!r}"
+                        )
+                    client = WebSocketPeerClient(
+                        ws, transport, node_id, limits=limits, lease_ttl=lease_ttl
+                    )
+                    client._lost.start(nursery)
+                    nursery.start_soon(client._read_frames)
+                    nursery.start_soon(client._watch_liveness)
+                    nursery.start_soon(client._scopes.renew_forever)
+                    try:
+                        yield client
+                    finally:
+                        with trio.CancelScope(shield=True):
+                            await client._lost.wait()  # each bounded by keepalive_timeout
+                            await client._scopes.close(client._scopes.root)
+                            with trio.move_on_after(limits.keepalive_timeout):
+                                await ws.aclose()
                 finally:
-                    with trio.CancelScope(shield=True):
-                        await client._lost.wait()  # each bounded by keepalive_timeout
-                        await client._scopes.close(client._scopes.root)
-                        with trio.move_on_after(limits.keepalive_timeout):
-                            await ws.aclose()
-                    nursery.cancel_scope.cancel()
+                    guard.cancel()
     except trio_websocket.ConnectionRejected as exc:
         raise _rejection(exc) from None
     except h11.ProtocolError as exc:
