@@ -40,7 +40,7 @@ from ._peer.server import PeerServer
 from ._transport.mapping import collapse_excgroups
 from ._transport.tls import load_client_tls, load_server_tls
 from ._wire.envelopes import StreamEvent, SubWorkflowResponse
-from .errors import DuplicateStepError, PeerflowError, PeerTimeoutError
+from .errors import DuplicateStepError, PeerflowError, PeerTimeoutError, PeerTransportError
 
 __all__ = [
     "EXIT_ERROR",
@@ -153,7 +153,10 @@ def _build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     serve.add_argument(
-        "--node-id", required=True, help="this node's stable id, stamped on every ref it hands out"
+        "--node-id",
+        required=True,
+        type=_node_id,
+        help="this node's stable id, stamped on every ref it hands out",
     )
     serve.add_argument(
         "--bind",
@@ -199,7 +202,7 @@ def _build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     invoke.add_argument(
-        "endpoint", metavar="ENDPOINT", help="http://host:port or https://host:port"
+        "endpoint", type=_endpoint, metavar="ENDPOINT", help="http://host:port or https://host:port"
     )
     invoke.add_argument("workflow", metavar="WORKFLOW", help="the sub-workflow's name")
     invoke.add_argument("steps", metavar="STEP", nargs="+", help="the step ids to run, in order")
@@ -212,6 +215,7 @@ def _build_parser() -> argparse.ArgumentParser:
     invoke.add_argument(
         "--node-id",
         default=_DEFAULT_INVOKE_NODE_ID,
+        type=_node_id,
         help=f"the caller's node id (default {_DEFAULT_INVOKE_NODE_ID})",
     )
     invoke.add_argument(
@@ -255,6 +259,20 @@ def _positive_seconds(text: str) -> float:
     if not 0 < seconds < math.inf:
         raise argparse.ArgumentTypeError(f"expected a positive number of seconds: {text!r}")
     return seconds
+
+
+def _node_id(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("a node id cannot be empty")
+    return text
+
+
+def _endpoint(text: str) -> str:
+    try:
+        parse_endpoint(text)
+    except PeerTransportError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _steps_spec(text: str) -> str:

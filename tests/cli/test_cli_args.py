@@ -68,6 +68,9 @@ def test_help_documents_bytes_and_exit_codes(capsys: pytest.CaptureFixture[str])
         (["serve", "--node-id", "n", "--steps", ":attr"], "MODULE or MODULE:ATTR"),
         (["serve", "--node-id", "n", "--steps", "m", "--drain-grace", "0"], "positive"),
         (["serve", "--node-id", "n", "--steps", "m", "--tls-ca", "ca.pem"], "need --tls-cert"),
+        (["serve", "--node-id", "", "--steps", "m"], "a node id cannot be empty"),
+        (["invoke", "ftp://peer:1", "wf", "s", "--input", "1"], "invalid endpoint 'ftp://peer:1'"),
+        (["invoke", ENDPOINT, "wf", "s", "--input", "1", "--node-id", ""], "cannot be empty"),
         (["invoke", ENDPOINT, "wf", "s"], "--input"),
         (["invoke", ENDPOINT, "wf", "--input", "1"], "STEP"),
         (["invoke", ENDPOINT, "wf", "s", "--input", "1", "--timeout", "-1"], "positive"),
@@ -140,12 +143,6 @@ def test_input_numbers_must_be_finite(
     code, _, err = run_main(capsys, "invoke", endpoint, "wf", "s", "--input", text)
     assert code == EXIT_ERROR
     assert_one_line_error(err, f"{path} is not a finite number")
-
-
-def test_bad_endpoint(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = run_main(capsys, "invoke", "ftp://peer:1", "wf", "s", "--input", "1")
-    assert (code, out) == (EXIT_ERROR, "")
-    assert_one_line_error(err, "invalid endpoint 'ftp://peer:1'")
 
 
 def test_connection_refused_names_the_address(

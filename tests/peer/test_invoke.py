@@ -176,3 +176,11 @@ async def test_streaming_an_unknown_step_raises(client: PeerClient) -> None:
 
     with pytest.raises(peerflow.PeerUnknownStepError):
         await consume()
+
+
+def test_a_server_needs_a_node_id() -> None:
+    # Every ref descriptor names its origin by it: "" would name none.
+    with pytest.raises(ValueError, match="node_id cannot be empty"):
+        PeerServer("", token=None)
+    with pytest.raises(TypeError, match="node_id must be a str"):
+        PeerServer(7, token=None)  # type: ignore[arg-type]

@@ -62,6 +62,10 @@ class PeerServer:
 
     Attributes:
         refs: the server's session-ref registry (inspect it in tests).
+
+    Raises:
+        ValueError: ``node_id`` is empty (a ref's origin could not be told).
+        TypeError: ``node_id`` or ``token`` is not a str.
     """
 
     def __init__(
@@ -73,6 +77,10 @@ class PeerServer:
         token: str | object | None = _FROM_ENV,
         limits: Limits | None = None,
     ) -> None:
+        if not isinstance(node_id, str):
+            raise TypeError(f"node_id must be a str, got {type(node_id).__name__}")
+        if not node_id:
+            raise ValueError("node_id cannot be empty: it names the origin of every ref")
         resolved = resolve_peer_token() if token is _FROM_ENV else token
         if resolved is not None and not isinstance(resolved, str):
             raise TypeError("token must be a str or None")
