@@ -303,9 +303,10 @@ def test_decoding_bytes_map_keys_is_refused() -> None:
 
 def test_decoding_ext_types_is_refused() -> None:
     for ext in (msgpack.ExtType(5, b"x"), msgpack.Timestamp(1, 0)):
-        body = {"v": 1, "workflow_name": "w", "step_ids": [], "input": [ext]}
-        with pytest.raises(PeerEncodeError, match="extension"):
+        body = {"v": 1, "workflow_name": "w", "step_ids": [], "input": {"at": [ext]}}
+        with pytest.raises(PeerEncodeError, match="extension") as info:
             decode_message(InvokeSubWorkflowRequest, msgpack.packb(body))
+        assert info.value.path == 'input["at"][0]'
 
 
 def test_decoding_deep_nesting_is_refused() -> None:
@@ -316,14 +317,20 @@ def test_decoding_deep_nesting_is_refused() -> None:
         decode_message(InvokeSubWorkflowRequest, hostile)
 
 
-def test_decoding_invalid_utf8_is_refused() -> None:
-    with pytest.raises(PeerEncodeError, match="malformed"):
+def test_decoding_invalid_utf8_is_refused_and_named() -> None:
+    with pytest.raises(PeerEncodeError, match="not valid UTF-8") as info:
         decode_message(DerefSessionRefRequest, b"\x82\xa1v\x01\xa8ref_uuid\xa1\xff")
+    assert info.value.path == "ref_uuid"
 
 
-def test_decoding_int_map_keys_is_refused() -> None:
-    with pytest.raises(PeerEncodeError, match="malformed"):
+def test_decoding_int_map_keys_is_refused_and_named() -> None:
+    with pytest.raises(PeerEncodeError, match="map key must be a str") as info:
         decode_message(DerefSessionRefRequest, msgpack.packb({"v": 1, "ref_uuid": "u", 7: 1}))
+    assert info.value.path == "7"
+    body = {"v": 1, "workflow_name": "w", "step_ids": [], "input": {"rows": [{1: 2}]}}
+    with pytest.raises(PeerEncodeError, match="map key must be a str") as info:
+        decode_message(InvokeSubWorkflowRequest, msgpack.packb(body))
+    assert info.value.path == 'input["rows"][0][1]'
 
 
 @pytest.mark.parametrize("size", [10, 5000])

@@ -494,6 +494,22 @@ def encode_stream_message(message: StreamEvent | SubWorkflowResponse) -> bytes:
     return _pack(body)
 
 
+def _locate_refusal(data: bytes | bytearray | memoryview) -> PeerEncodeError | None:
+    """Name the path of what msgpack refused in ``data``, if it is a value inside a map.
+
+    Only on the error path: a second, lenient unpack keeps what the strict
+    one refused (a non-str map key, an extension value, invalid UTF-8), and
+    the wire-value walk then names where it is.
+    """
+    try:
+        body = msgpack.unpackb(
+            data, strict_map_key=False, ext_hook=msgpack.ExtType, unicode_errors="surrogateescape"
+        )
+    except (ValueError, TypeError, msgpack.UnpackException):
+        return None  # malformed as bytes, not as a value: there is no path
+    return locate_problem(body, decoded=True) if type(body) is dict else None
+
+
 def _ext_hook(code: int, _data: bytes) -> Any:
     raise _Invalid(f"msgpack extension type {code} is not a wire value")
 
@@ -527,9 +543,11 @@ def _unpack(
         # microsecond per message.
         body = msgpack.unpackb(data, ext_hook=_ext_hook)
     except _Invalid as exc:
-        raise PeerEncodeError(exc.reason) from None
+        raise _locate_refusal(data) or PeerEncodeError(exc.reason) from None
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
-        raise PeerEncodeError(f"malformed msgpack: {str(exc) or type(exc).__name__}") from None
+        raise _locate_refusal(data) or PeerEncodeError(
+            f"malformed msgpack: {str(exc) or type(exc).__name__}"
+        ) from None
     if type(body) is not dict:
         raise PeerEncodeError(f"message must be a msgpack map, got {type(body).__name__}")
     check_envelope_version(body.get("v"))

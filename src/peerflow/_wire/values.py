@@ -278,6 +278,8 @@ def _leaf_problem(value: Any, decoded: bool) -> str | None:
         try:
             value.encode("utf-8")
         except UnicodeEncodeError as exc:
+            if decoded:  # a lenient unpack's escape for bytes that were not UTF-8
+                return f"str is not valid UTF-8 (at byte {exc.start})"
             return f"str is not valid Unicode: lone surrogate at index {exc.start}"
         return None
     if kind in (_DECODED_LEAVES if decoded else _ENCODABLE_LEAVES):
