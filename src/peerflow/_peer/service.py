@@ -11,7 +11,7 @@ import functools
 import math
 import operator
 from collections.abc import Awaitable, Callable, Hashable, Iterator
-from contextlib import contextmanager
+from types import TracebackType
 from typing import Any, final
 
 import attrs
@@ -208,13 +208,12 @@ class PeerService:
             raise
         return response
 
-    @contextmanager
     def delivering(
         self,
         response: SubWorkflowResponse,
         caller: Caller,
         watch: Callable[[Callable[[], None]], None] | None = None,
-    ) -> Iterator[None]:
+    ) -> _Delivery:
         """Wrap the sending of ``response``: if that fails or is cancelled, drop its refs.
 
         The caller then never learns their ids, so nobody could release
@@ -223,13 +222,7 @@ class PeerService:
         (``ServerStream.watch_delivery``), which drops them if the caller
         turns out to have given up before reading it.
         """
-        try:
-            yield
-        except BaseException:
-            self.discard(response, caller)
-            raise
-        if watch is not None and response.remote_refs:
-            watch(functools.partial(self.discard, response, caller))
+        return _Delivery(self, response, caller, watch)
 
     def discard(self, response: SubWorkflowResponse, caller: Caller) -> None:
         """Drop the refs ``response`` hands out: it never reached ``caller``."""
@@ -321,6 +314,40 @@ class PeerService:
     ) -> None:
         """Purge the refs of expired leases until cancelled."""
         await self.leases.run_reaper(task_status=task_status)
+
+
+@final
+class _Delivery:
+    """What :meth:`PeerService.delivering` returns (a class: it is on every call's path)."""
+
+    __slots__ = ("_caller", "_response", "_service", "_watch")
+
+    def __init__(
+        self,
+        service: PeerService,
+        response: SubWorkflowResponse,
+        caller: Caller,
+        watch: Callable[[Callable[[], None]], None] | None,
+    ) -> None:
+        self._service = service
+        self._response = response
+        self._caller = caller
+        self._watch = watch
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        response = self._response
+        if exc_type is not None:
+            self._service.discard(response, self._caller)
+        elif self._watch is not None and response.remote_refs:
+            self._watch(functools.partial(self._service.discard, response, self._caller))
 
 
 def encode_response(
