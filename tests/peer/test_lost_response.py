@@ -19,6 +19,7 @@ import pytest
 import trio
 import trio.testing
 
+from gated_stream import Gate
 from peer_steps import Progress
 from peerflow import (
     Context,
@@ -66,48 +67,19 @@ def server(keeper: Keeper) -> PeerServer:
     return PeerServer("node-b", registry=registry, token=None)
 
 
-class Valve(trio.abc.Stream):
-    """A client transport whose incoming bytes the test can hold back."""
-
-    def __init__(self, inner: trio.abc.Stream) -> None:
-        self._inner = inner
-        self._flowing = trio.Event()
-        self._flowing.set()
-
-    def hold(self) -> None:
-        self._flowing = trio.Event()
-
-    def release(self) -> None:
-        self._flowing.set()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        data = await self._inner.receive_some(max_bytes)
-        await self._flowing.wait()
-        return data
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self._inner.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self._inner.wait_send_all_might_not_block()
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
-
-
 @asynccontextmanager
-async def valved_client(server: PeerServer) -> AsyncIterator[tuple[PeerClient, Valve]]:
+async def gated_client(server: PeerServer) -> AsyncIterator[tuple[PeerClient, Gate]]:
     async with open_memory_connection(server) as stream:
-        valve = Valve(stream)
+        gate = Gate(stream)
         async with open_client_over(
-            valve,
+            gate,
             Endpoint("http", "memory", 0),
             "node-a",
             token=None,
             limits=Limits(),
             lease_ttl=30,
         ) as client:
-            yield client, valve
+            yield client, gate
 
 
 class CancelOnWake(trio.abc.Instrument):
@@ -123,32 +95,44 @@ class CancelOnWake(trio.abc.Instrument):
             trio.lowlevel.remove_instrument(self)
 
 
+async def start_held_answer(
+    nursery: trio.Nursery, client: PeerClient, gate: Gate, keeper: Keeper, server: PeerServer
+) -> tuple[trio.CancelScope, trio.lowlevel.Task]:
+    """Start a call whose answer the peer then sends, held back on its way to the client.
+
+    Returns the call's cancel scope and its task.
+    """
+    scope = trio.CancelScope()
+    task: list[trio.lowlevel.Task] = []
+
+    async def call() -> None:
+        task.append(trio.lowlevel.current_task())
+        with scope:
+            await client.invoke_sub_workflow("lost", ["keep"])
+        assert scope.cancelled_caught
+
+    nursery.start_soon(call)
+    await keeper.started.wait()
+    gate.hold_at()
+    keeper.gate.set()
+    await trio.testing.wait_all_tasks_blocked()
+    assert len(server.refs) == 2  # the response is out; its refs wait for word
+    return scope, task[0]
+
+
 async def test_a_reset_that_beats_the_ping_ack_makes_the_peer_drop_the_refs(
     server: PeerServer, keeper: Keeper, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="peerflow")
     with trio.fail_after(10):
-        async with valved_client(server) as (client, valve):
-            scope = trio.CancelScope()
-
-            async def call() -> None:
-                with scope:
-                    await client.invoke_sub_workflow("lost", ["keep"])
-                assert scope.cancelled_caught
-
+        async with gated_client(server) as (client, gate):
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(call)
-                await keeper.started.wait()
-                valve.hold()
-                keeper.gate.set()
-                await trio.testing.wait_all_tasks_blocked()
-                # The response is out, held on its way; the refs wait for word.
-                assert len(server.refs) == 2
+                scope, _ = await start_held_answer(nursery, client, gate, keeper, server)
                 scope.cancel()
                 await trio.testing.wait_all_tasks_blocked()
                 # The reset reached the peer before the PING's ack could.
                 assert len(server.refs) == 0
-                valve.release()
+                gate.release()
             # The connection serves the next call; its refs stay.
             keeper.gate = trio.Event()
             keeper.gate.set()
@@ -164,27 +148,13 @@ async def test_a_response_that_arrived_whole_is_released_by_the_client(
 ) -> None:
     caplog.set_level(logging.INFO, logger="peerflow")
     with trio.fail_after(10):
-        async with valved_client(server) as (client, valve):
-            scope = trio.CancelScope()
-            caller: list[trio.lowlevel.Task] = []
-
-            async def call() -> None:
-                caller.append(trio.lowlevel.current_task())
-                with scope:
-                    await client.invoke_sub_workflow("lost", ["keep"])
-                assert scope.cancelled_caught
-
+        async with gated_client(server) as (client, gate):
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(call)
-                await keeper.started.wait()
-                valve.hold()
-                keeper.gate.set()
-                await trio.testing.wait_all_tasks_blocked()
-                assert len(server.refs) == 2
+                scope, task = await start_held_answer(nursery, client, gate, keeper, server)
                 # The reader takes the whole response in one read and wakes
                 # the caller, which is cancelled before it can read it.
-                trio.lowlevel.add_instrument(CancelOnWake(caller[0], scope))
-                valve.release()
+                trio.lowlevel.add_instrument(CancelOnWake(task, scope))
+                gate.release()
             await trio.testing.wait_all_tasks_blocked()
             # No reset went out (the stream had ended): the client released them.
             assert len(server.refs) == 0
@@ -195,7 +165,7 @@ async def test_a_stream_left_with_its_final_response_unread_releases_its_refs(
     server: PeerServer, keeper: Keeper
 ) -> None:
     with trio.fail_after(10):
-        async with valved_client(server) as (client, _):
+        async with gated_client(server) as (client, _):
             keeper.gate.set()
             async with client.stream_sub_workflow("lost", ["keep"]) as call:
                 # The run ends and its whole answer arrives before the block is left.
@@ -209,7 +179,7 @@ async def test_a_call_cancelled_before_its_outcome_still_leaves_nothing(
     server: PeerServer, keeper: Keeper
 ) -> None:
     with trio.fail_after(10):
-        async with valved_client(server) as (client, _):
+        async with gated_client(server) as (client, _):
             with trio.move_on_after(1):
                 await client.invoke_sub_workflow("lost", ["keep"])
             await trio.testing.wait_all_tasks_blocked()
