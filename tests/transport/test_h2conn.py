@@ -15,6 +15,7 @@ from h2_helpers import OK, REQUEST, TRAILERS, RawPeer, connected, echo_handler
 from hypothesis import given
 from hypothesis import strategies as st
 
+from peerflow._transport import h2conn
 from peerflow._transport.config import H2Settings
 from peerflow._transport.h2conn import (
     ErrorCodes,
@@ -867,3 +868,32 @@ async def test_watched_responses_are_confirmed_by_the_next_ping_ack() -> None:
         assert not server._undelivered
         assert not server._fences
     assert lost == []
+
+
+async def test_a_client_that_never_acks_pings_has_its_oldest_responses_counted_delivered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Bounded memory: beyond the cap the oldest watches are dropped, and a
+    # late reset for one of them then drops nothing (a leak rather than a loss).
+    monkeypatch.setattr(h2conn, "_MAX_UNDELIVERED", 2)
+    lost: list[int] = []
+
+    async def handler(stream: ServerStream) -> None:
+        await stream.receive_all()
+        await stream.send_response(OK, b"hands out refs", TRAILERS)
+        stream.watch_delivery(lambda: lost.append(stream.stream_id))
+
+    peer, server_side = await _raw_peer(as_client=True)
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(serve_h2_connection, server_side, handler)
+        await peer.wait_for(h2.events.RemoteSettingsChanged)
+        for stream_id in (1, 3, 5):
+            peer.h2.send_headers(stream_id, REQUEST, end_stream=True)
+        await peer.send_raw(peer.h2.data_to_send())  # no PING ack goes out from here on
+        await trio.testing.wait_all_tasks_blocked()
+        kept = sorted(server._undelivered)
+        assert len(kept) == 2
+        await peer.send_raw(b"".join(_rst_stream_frame(stream_id) for stream_id in (1, 3, 5)))
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    assert sorted(lost) == kept  # the oldest watch was dropped: its reset changed nothing
