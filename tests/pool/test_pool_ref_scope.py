@@ -285,3 +285,16 @@ async def test_a_pool_that_failed_to_open_can_be_entered_again() -> None:
             with pytest.raises(PeerUnavailableError, match="no peer of the pool is reachable"):
                 async with pool:
                     pytest.fail("entered a pool with no reachable peer")
+
+
+async def test_a_released_ref_is_forgotten_by_its_scope(peers: Peers) -> None:
+    # A long-lived pool releasing its refs one by one must not remember them all.
+    with trio.fail_after(20):
+        async with PeerPool(peers.urls, "caller", token=None) as pool:
+            for _ in range(5):
+                assert await pool.release_session_ref(await _keep(pool)) is True
+            root = pool._root
+            assert root is not None
+            assert root.refs == set()
+            assert pool._ref_nodes == {}
+        assert peers.refs() == 0

@@ -760,6 +760,8 @@ class PeerPool:
         finally:
             member.call_ended()
         self._ref_nodes.pop(ref_uuid, None)
+        for scope in self._open_scopes:  # released: no scope needs to forget it later
+            scope.refs.discard(ref_uuid)
         return released
 
     def __repr__(self) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import operator
-from collections.abc import Awaitable, Callable, Hashable, Iterator
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Iterator
 from types import TracebackType
 from typing import Any, final
 
@@ -224,11 +224,9 @@ class PeerService:
         """
         return _Delivery(self, response, caller, watch)
 
-    def discard(self, response: SubWorkflowResponse, caller: Caller) -> None:
-        """Drop the refs ``response`` hands out: it never reached ``caller``."""
-        dropped = sum(
-            self.refs.remove(ref_uuid, owner=caller.owner) for ref_uuid in response.remote_refs
-        )
+    def discard(self, ref_uuids: Iterable[str], caller: Caller) -> None:
+        """Drop the refs a response hands out (its ``remote_refs``): it never reached ``caller``."""
+        dropped = sum(self.refs.remove(ref_uuid, owner=caller.owner) for ref_uuid in ref_uuids)
         if dropped:
             self._log.info("dropped %d refs of a response the caller never received", dropped)
 
@@ -343,11 +341,12 @@ class _Delivery:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        response = self._response
+        refs = self._response.remote_refs
         if exc_type is not None:
-            self._service.discard(response, self._caller)
-        elif self._watch is not None and response.remote_refs:
-            self._watch(functools.partial(self._service.discard, response, self._caller))
+            self._service.discard(refs, self._caller)
+        elif self._watch is not None and refs:
+            # Only the ids: a watch may outlive the response by a while.
+            self._watch(functools.partial(self._service.discard, tuple(refs), self._caller))
 
 
 def encode_response(

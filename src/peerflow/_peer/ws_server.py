@@ -92,7 +92,9 @@ _NORMAL_CLOSURE: Final = 1000
 _GOING_AWAY: Final = 1001
 _UNSUPPORTED_DATA: Final = 1003
 _INVALID_PAYLOAD: Final = 1007
-# Answered calls whose refs a late cancel frame may still drop, per connection.
+# Answered calls whose refs a late cancel frame may still drop, per connection;
+# each is watched for keepalive_timeout at most (a cancel frame comes within a
+# round trip of the answer, or the connection is as good as dead).
 _MAX_ANSWERED: Final = 1024
 
 
@@ -246,7 +248,7 @@ class _Session:
         self._drain = drain
         # Calls answered with refs, oldest first: a cancel frame for one of
         # them says the client gave up before it handed the answer on.
-        self._answered: dict[int, Callable[[], None]] = {}
+        self._answered: dict[int, tuple[float, Callable[[], None]]] = {}
         #: Whether the session ended because the drain let its last call finish.
         self.drained = False
         #: Why the session ended for want of calls (the close reason), or "".
@@ -323,9 +325,9 @@ class _Session:
                 scope = self._running.get(frame.id)
                 if scope is not None:
                     scope.cancel()
-                on_lost = self._answered.pop(frame.id, None)
-                if on_lost is not None:
-                    on_lost()
+                answered = self._answered.pop(frame.id, None)
+                if answered is not None:
+                    answered[1]()
                 continue
             if self._drain.started:
                 await self._send_status(
@@ -463,8 +465,11 @@ class _Session:
                 on_lost()
                 return
             answered = self._answered
-            answered[frame_id] = on_lost
-            if len(answered) > _MAX_ANSWERED:
+            now = trio.current_time()
+            answered[frame_id] = (now, on_lost)
+            # Oldest first: drop the watches that are too many or too old.
+            expired = now - self._limits.keepalive_timeout
+            while len(answered) > _MAX_ANSWERED or answered[next(iter(answered))][0] < expired:
                 del answered[next(iter(answered))]
 
         return watch
