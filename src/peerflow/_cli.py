@@ -32,12 +32,12 @@ from . import __version__
 from ._engine.events import event_to_wire
 from ._engine.steps import StepRegistry
 from ._engine.workflow import Workflow
+from ._excgroups import collapse_excgroups
 from ._peer.client import PeerClient, parse_endpoint
 from ._peer.json_codec import decode_json_value, json_body
 from ._peer.limits import Limits
 from ._peer.logs import for_node
 from ._peer.server import PeerServer
-from ._transport.mapping import collapse_excgroups
 from ._transport.tls import load_client_tls, load_server_tls
 from ._wire.envelopes import StreamEvent, SubWorkflowResponse
 from .errors import DuplicateStepError, PeerflowError, PeerTimeoutError, PeerTransportError

@@ -13,10 +13,10 @@ from contextlib import AsyncExitStack, asynccontextmanager
 import trio
 import trio.testing
 
+from ._excgroups import collapse_excgroups
 from ._peer.client import Endpoint, PeerClient, open_client_over
 from ._peer.limits import Limits
 from ._peer.server import PeerServer
-from ._transport.mapping import collapse_excgroups
 
 __all__ = ["open_memory_connection", "open_memory_peer", "sever"]
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -17,11 +16,8 @@ from h2_helpers import OK, REQUEST, TRAILERS, RawPeer, echo_handler
 from peerflow._transport.config import H2Settings
 from peerflow._transport.h2conn import H2ServerConnection, ServerStream, open_h2_client
 from peerflow._transport.listener import PrefixedStream, connect_tcp, serve_tcp
-from peerflow._transport.mapping import collapse_excgroups, map_exceptions
+from peerflow._transport.mapping import map_exceptions
 from peerflow.errors import PeerTimeoutError, PeerTransportError
-
-if sys.version_info < (3, 11):
-    from exceptiongroup import ExceptionGroup
 
 
 @asynccontextmanager
@@ -274,10 +270,3 @@ def test_map_exceptions_table() -> None:
         raise ConnectionResetError("reset")
     with pytest.raises(KeyError), map_exceptions("not ours"):
         raise KeyError("bug")
-
-
-def test_collapse_excgroups_unwraps_only_single_errors() -> None:
-    with pytest.raises(PeerTransportError, match="only one"), collapse_excgroups():
-        raise ExceptionGroup("g", [ExceptionGroup("inner", [PeerTransportError("only one")])])
-    with pytest.raises(ExceptionGroup), collapse_excgroups():
-        raise ExceptionGroup("g", [ValueError("a"), KeyError("b")])

@@ -26,6 +26,7 @@ from typing import Any, final
 import attrs
 import trio
 
+from .._excgroups import sole_exception
 from .._refs.descriptor import RefLifetime, RemoteRefDescriptor
 from .._refs.registry import RefEntry, RefsView, SessionRefRegistry
 from ..errors import (
@@ -78,24 +79,6 @@ class RunResult:
     result: Any
     state: dict[str, Any]
     refs: dict[str, RemoteRefDescriptor]
-
-
-def sole_exception(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
-    """Return the one exception a nursery's group stands for, or None if it holds several.
-
-    A group of nothing but ``trio.Cancelled`` stands for one cancellation.
-    """
-    leaves: list[BaseException] = []
-    pending: list[BaseException] = [group]
-    while pending:
-        exc = pending.pop()
-        if isinstance(exc, BaseExceptionGroup):
-            pending.extend(reversed(exc.exceptions))
-        else:
-            leaves.append(exc)
-    if len(leaves) == 1 or (leaves and all(isinstance(e, trio.Cancelled) for e in leaves)):
-        return leaves[0]
-    return None
 
 
 @final

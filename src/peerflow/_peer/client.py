@@ -15,10 +15,10 @@ import attrs
 import trio
 
 from .._engine.events import Event, event_from_wire
+from .._excgroups import collapse_excgroups
 from .._refs.descriptor import RefLifetime
 from .._transport.h2conn import ClientStream, H2ClientConnection, Headers, open_h2_client
 from .._transport.listener import connect_tcp
-from .._transport.mapping import collapse_excgroups
 from .._wire import grpc
 from .._wire.codec import decode_message, decode_stream_message, encode_message
 from .._wire.envelopes import (

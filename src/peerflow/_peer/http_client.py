@@ -20,8 +20,9 @@ from typing import Any, Final, TypeVar, final
 import h11
 import trio
 
+from .._excgroups import collapse_excgroups
 from .._transport.listener import connect_tcp
-from .._transport.mapping import collapse_excgroups, map_exceptions
+from .._transport.mapping import map_exceptions
 from .._wire import grpc
 from .._wire.envelopes import (
     DerefChunk,
@@ -466,7 +467,10 @@ class HttpPeerClient(MessageClient[_Response]):
             self._lost_answers.start_soon(self._read_lost_answer, conn, response, method, slot)
         else:
             self._limiter.release_on_behalf_of(slot)
-            await trio.aclose_forcefully(conn.stream)
+            # Shielded: this runs as a call ends, maybe raising in a cancelled
+            # scope, where a Cancelled would replace the call's own error.
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(conn.stream)
 
     async def _read_lost_answer(
         self, conn: _Connection, response: _Response, method: str, slot: object

@@ -268,7 +268,9 @@ class JsonHandler:
         line = encode_response(encode_json_stream_message, response)
         with self._service.delivering(response, caller, exchange.watch_delivery):
             await exchange.send(line + b"\n")
-            await exchange.end_stream()
+        # Outside: a client may take the response line and then leave before
+        # the end, and its caller then holds the refs.
+        await exchange.end_stream()
 
     async def _deref(
         self, exchange: HttpExchange, raw: bytes, caller: Caller, deadline: float

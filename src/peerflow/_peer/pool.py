@@ -31,8 +31,8 @@ from typing import Any, final
 import attrs
 import trio
 
+from .._excgroups import collapse_excgroups
 from .._refs.descriptor import RefLifetime
-from .._transport.mapping import collapse_excgroups
 from .._wire.envelopes import SubWorkflowResponse
 from ..errors import (
     PeerAuthError,

@@ -24,8 +24,9 @@ import trio
 import trio_websocket
 import wsproto.utilities  # comes with trio-websocket, whose handshake errors are wsproto's
 
+from .._excgroups import collapse_excgroups
 from .._transport.listener import connect_tcp
-from .._transport.mapping import collapse_excgroups, to_peer_error
+from .._transport.mapping import to_peer_error
 from .._wire import grpc
 from .._wire.codec import decode_message, decode_stream_message, encode_message
 from .._wire.envelopes import (
@@ -608,4 +609,7 @@ async def _open(
         ) as client:
             yield client
     finally:
-        await trio.aclose_forcefully(transport)
+        # Shielded: in a cancelled scope, its Cancelled would replace the
+        # error the block is raising, and that scope would then swallow it.
+        with trio.CancelScope(shield=True):
+            await trio.aclose_forcefully(transport)

@@ -147,7 +147,7 @@ def _unpack(data: bytes) -> tuple[dict[str, Any], int]:
         # make this allocate more than the message holds.
         body = msgpack.unpackb(data, ext_hook=_ext)
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
-        raise FrameDecodeError(f"malformed frame: {exc or type(exc).__name__}") from None
+        raise FrameDecodeError(f"malformed frame: {str(exc) or type(exc).__name__}") from None
     if type(body) is not dict:
         raise FrameDecodeError(f"a frame must be a msgpack map, got {type(body).__name__}")
     frame_id = body.get("id")

@@ -39,9 +39,10 @@ from h2.connection import AllowedStreamIDs, ConnectionInputs
 from h2.stream import StreamInputs
 from h2.utilities import authority_from_headers, extract_method_header
 
+from .._excgroups import collapse_excgroups
 from ..errors import PeerTimeoutError, PeerTransportError, PeerUnavailableError
 from .config import H2Settings
-from .mapping import collapse_excgroups, to_peer_error
+from .mapping import to_peer_error
 
 __all__ = [
     "ClientStream",

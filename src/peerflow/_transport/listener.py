@@ -20,10 +20,11 @@ from typing import final
 
 import trio
 
+from .._excgroups import collapse_excgroups
 from ..errors import PeerTimeoutError, PeerTransportError
 from .config import H2Settings
 from .h2conn import StreamHandler, serve_h2_connection
-from .mapping import collapse_excgroups, map_exceptions
+from .mapping import map_exceptions
 
 __all__ = [
     "H2_PREFACE",

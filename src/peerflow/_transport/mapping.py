@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ssl
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -12,10 +11,7 @@ import trio
 
 from ..errors import PeerflowError, PeerTimeoutError, PeerTransportError
 
-if sys.version_info < (3, 11):  # pragma: no cover - depends on the interpreter
-    from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
-
-__all__ = ["collapse_excgroups", "map_exceptions", "to_peer_error"]
+__all__ = ["map_exceptions", "to_peer_error"]
 
 # Order matters: the first matching row wins, so subclasses come first
 # (TimeoutError and ssl.SSLError are OSErrors).
@@ -77,36 +73,3 @@ def map_exceptions(context: str) -> Iterator[None]:
         if error is None:
             raise
         raise error from exc
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    found: list[BaseException] = []
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            found.extend(_leaves(exc))
-        else:
-            found.append(exc)
-    return found
-
-
-@contextmanager
-def collapse_excgroups() -> Iterator[None]:
-    """Unwrap an exception group holding exactly one exception.
-
-    Wrap the nursery of an ``async with`` resource in this so that its user
-    sees one clear exception instead of a group of one. Groups of several
-    exceptions pass through unchanged.
-    """
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        leaves = _leaves(group)
-        if len(leaves) != 1:
-            raise
-        exc = leaves[0]
-        context = exc.__context__
-        try:
-            raise exc
-        finally:
-            exc.__context__ = context
-            del exc, context, group, leaves
