@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Awaitable, Callable
 
 import h2.errors
 import h2.events
@@ -802,17 +803,24 @@ def _rst_stream_frame(stream_id: int) -> bytes:
     )
 
 
+def _watched_handler(lost: list[int]) -> Callable[[ServerStream], Awaitable[None]]:
+    """A handler whose response is watched: a stream counted lost is appended to ``lost``."""
+
+    async def handler(stream: ServerStream) -> None:
+        await stream.receive_all()
+        await stream.send_response(OK, b"hands out refs", TRAILERS)
+        stream.watch_delivery(lambda: lost.append(stream.stream_id))
+
+    return handler
+
+
 async def _reset_after_the_response(*, before_ack: bool) -> list[int]:
     """Serve one watched response to a raw client that resets the ended stream.
 
     Returns the stream ids whose response the server counted as lost.
     """
     lost: list[int] = []
-
-    async def handler(stream: ServerStream) -> None:
-        await stream.receive_all()
-        await stream.send_response(OK, b"hands out refs", TRAILERS)
-        stream.watch_delivery(lambda: lost.append(stream.stream_id))
+    handler = _watched_handler(lost)
 
     peer, server_side = await _raw_peer(as_client=True)
     async with trio.open_nursery() as nursery:
@@ -877,11 +885,7 @@ async def test_a_client_that_never_acks_pings_has_its_oldest_responses_counted_d
     # late reset for one of them then drops nothing (a leak rather than a loss).
     monkeypatch.setattr(h2conn, "_MAX_UNDELIVERED", 2)
     lost: list[int] = []
-
-    async def handler(stream: ServerStream) -> None:
-        await stream.receive_all()
-        await stream.send_response(OK, b"hands out refs", TRAILERS)
-        stream.watch_delivery(lambda: lost.append(stream.stream_id))
+    handler = _watched_handler(lost)
 
     peer, server_side = await _raw_peer(as_client=True)
     async with trio.open_nursery() as nursery:
