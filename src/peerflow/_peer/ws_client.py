@@ -12,6 +12,7 @@ answer hands out itself (see ``WebSocketPeerClient._unread_answer``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import math
 import ssl
@@ -77,14 +78,10 @@ _INVALID_PAYLOAD: Final = 1007
 _MAX_REASON: Final = 200
 
 
-def _decode_response(body: bytes) -> SubWorkflowResponse:
-    return decode_message(SubWorkflowResponse, body)
-
-
 # The methods whose answer hands out refs (in a SubWorkflowResponse), with
 # how their messages decode (see WebSocketPeerClient._unread_answer).
 _HANDS_OUT_REFS: Final[dict[str, Callable[[bytes], object]]] = {
-    "InvokeSubWorkflow": _decode_response,
+    "InvokeSubWorkflow": functools.partial(decode_message, SubWorkflowResponse),
     "StreamSubWorkflow": decode_stream_message,
 }
 
