@@ -100,10 +100,6 @@ def _extensions_never_end() -> bool:
     return True
 
 
-def _counted_together(dicts: list[dict[Any, Any]]) -> bool:
-    return len(get_referents(*dicts)) == sum(map(len, dicts))
-
-
 def _counted_each(dicts: list[dict[Any, Any]]) -> bool:
     # One by one, so that a dict hiding its values cannot offset one that
     # lists its keys too.
@@ -121,19 +117,22 @@ def _joined(dicts: list[dict[Any, Any]]) -> bool:
 
 # How scan_after_msgpack proves that every map key is a str, by what this
 # interpreter's gc.get_referents shows of a dict. Where dicts show their
-# values, and their keys only when some key is not a str, counting referents
-# in one batch is enough, and a level whose items have no referents holds no
-# dict worth looking at. Where a dict may hide its values (3.13), every level
-# is looked at and each dict counted on its own. Elsewhere the keys are joined.
+# values, and their keys only when some key is not a str, counting all their
+# referents in one batch is enough (the scan does it inline), and a level
+# whose items have no referents holds no dict worth looking at. Where a dict
+# may hide its values (3.13), every level is looked at and each dict counted
+# on its own. Elsewhere the keys are joined.
 _KEYS_COUNTED = _dicts_show_str_keys()
 _SKIP_LEAF_LEVEL = _KEYS_COUNTED and _dicts_show_values()
-_str_keyed = _counted_together if _SKIP_LEAF_LEVEL else _counted_each if _KEYS_COUNTED else _joined
+_str_keyed = _counted_each if _KEYS_COUNTED else _joined
 # Where a walk could end beside an extension value, scan_after_msgpack only
 # ever says "maybe not", and locate_problem decides.
 _EXTENSIONS_NEVER_END = _extensions_never_end()
 
 
-def scan_after_msgpack(message: dict[str, Any], size: int, fields: list[Any] | None = None) -> bool:
+def scan_after_msgpack(
+    message: dict[str, Any], size: int, fields: Sequence[Any] | None = None
+) -> bool:
     """Return True if ``message`` is a wire value, given msgpack has vetted it.
 
     ``message`` must have just been packed with exact types (see the codec)
@@ -154,13 +153,14 @@ def scan_after_msgpack(message: dict[str, Any], size: int, fields: list[Any] | N
     # class, whose __mro__ lists it again, so a walk that meets one never runs
     # out of levels (checked at import). It would go on through the rest of
     # the heap, so it is bounded: every value packs into at least one byte,
-    # and a walk that has seen more values than the message has bytes, or
-    # than _UNCHECKED_VALUES, looks at the types of each further level and
-    # stops at the first that is not all wire types. What is left is one pass
-    # over the containers for the map keys.
+    # so no level of the message holds more values than it has bytes; a
+    # level holding more, or more than _UNCHECKED_VALUES, has its types
+    # looked at, and the walk stops at the first that is not all wire types.
+    # What is left is one pass over the containers for the map keys.
     if not _EXTENSIONS_NEVER_END:
         return False
     parents: list[Any]
+    level: Sequence[Any]
     if fields is not None:
         level = fields
         parents = []
@@ -177,22 +177,23 @@ def scan_after_msgpack(message: dict[str, Any], size: int, fields: list[Any] | N
     below = get_referents(*level)
     if not below and _SKIP_LEAF_LEVEL:
         return True  # a flat map, such as a deref chunk
-    unchecked = (size if size < _UNCHECKED_VALUES else _UNCHECKED_VALUES) - len(level)
-    for _ in range(MAX_DEPTH):
-        if not below:
-            break
+    unchecked = size if size < _UNCHECKED_VALUES else _UNCHECKED_VALUES
+    levels_left = MAX_DEPTH
+    while below:
+        levels_left -= 1
+        if not levels_left:
+            return False
         parents += level
-        unchecked -= len(below)
-        if unchecked < 0 and not _WALKED_TYPES.issuperset(map(type, below)):
+        if len(below) > unchecked and not _WALKED_TYPES.issuperset(map(type, below)):
             return False
         level = below
         below = get_referents(*level)
-    else:
-        return False
     if not _SKIP_LEAF_LEVEL:
         # Here a dict may hide its values, and so have no referents.
         parents += level
     dicts = [item for item in parents if type(item) is dict]
+    if _SKIP_LEAF_LEVEL:
+        return len(get_referents(*dicts)) == sum(map(len, dicts))
     return not dicts or _str_keyed(dicts)
 
 
