@@ -368,3 +368,6 @@ def test_written_out_bodies_match_the_converter(message: Message) -> None:
     body = _BODY[type(message)](message)
     assert body == expected
     assert list(body) == list(expected)
+    # encode_message writes the request's body out itself.
+    sent = msgpack.unpackb(encode_message(message))
+    assert list(sent) == list(expected)
