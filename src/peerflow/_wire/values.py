@@ -58,7 +58,7 @@ _ENCODABLE_LEAVES = _DECODED_LEAVES | {bytearray, memoryview}
 
 # What scan_after_msgpack's walk meets in a message it can clear (a
 # memoryview leads out of the message, to its buffer, so it is not here), and
-# how many values it walks before it starts checking for them.
+# how many values one level may hold before the walk checks for them.
 _WALKED_TYPES = _DECODED_LEAVES | {bytearray, list, tuple, dict}
 _UNCHECKED_VALUES = 1 << 16
 
