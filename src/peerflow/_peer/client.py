@@ -44,6 +44,7 @@ __all__ = [
     "PeerClient",
     "StreamCall",
     "deadline_scope",
+    "endpoint_of",
     "open_client_over",
     "parse_endpoint",
     "release_lost_refs",
@@ -79,21 +80,35 @@ def parse_endpoint(endpoint: str) -> Endpoint:
     """
     if not isinstance(endpoint, str):
         raise PeerTransportError(f"endpoint must be a str URI, got {type(endpoint).__name__}")
-    try:
-        parts = urllib.parse.urlsplit(endpoint)
-        port = parts.port
-    except ValueError as exc:
-        raise PeerTransportError(f"invalid endpoint {endpoint!r}: {exc}") from None
+    parts = urllib.parse.urlsplit(endpoint)
     if parts.scheme not in ("http", "https"):
         raise PeerTransportError(
             f"invalid endpoint {endpoint!r}: the scheme must be http:// or https://"
         )
-    if not parts.hostname:
-        raise PeerTransportError(f"invalid endpoint {endpoint!r}: no host")
+    found = endpoint_of(parts, parts.scheme, endpoint)
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         raise PeerTransportError(f"invalid endpoint {endpoint!r}: a peer endpoint has no path")
-    default = 443 if parts.scheme == "https" else 80
-    return Endpoint(parts.scheme, parts.hostname, default if port is None else port)
+    return found
+
+
+def endpoint_of(
+    parts: urllib.parse.SplitResult, scheme: str, given: str, noun: str = "endpoint"
+) -> Endpoint:
+    """The endpoint of ``parts`` (from ``urlsplit(given)``), reached by ``scheme``.
+
+    ``scheme`` is ``"http"`` or ``"https"``; errors name the ``noun`` ``given``.
+
+    Raises:
+        PeerTransportError: no host, or a port that is not a number in range.
+    """
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise PeerTransportError(f"invalid {noun} {given!r}: {exc}") from None
+    if not parts.hostname:
+        raise PeerTransportError(f"invalid {noun} {given!r}: no host")
+    default = 443 if scheme == "https" else 80
+    return Endpoint(scheme, parts.hostname, default if port is None else port)
 
 
 @final

@@ -38,7 +38,7 @@ from .._wire.envelopes import (
     SubWorkflowResponse,
 )
 from ..errors import PeerError, PeerTimeoutError, PeerTransportError
-from .client import Endpoint, deadline_scope, parse_endpoint
+from .client import Endpoint, deadline_scope, endpoint_of
 from .logs import PeerLogger
 
 __all__ = [
@@ -110,10 +110,12 @@ def parse_base_url(url: str, *, websocket: bool = False) -> tuple[Endpoint, str]
     scheme = parts.scheme
     if websocket:
         scheme = {"ws": "http", "wss": "https"}.get(scheme, scheme)
+    if scheme not in ("http", "https"):
+        accepted = "http://, https://, ws:// or wss://" if websocket else "http:// or https://"
+        raise PeerTransportError(f"invalid URL {url!r}: the scheme must be {accepted}")
     if parts.query or parts.fragment:
         raise PeerTransportError(f"invalid URL {url!r}: no query or fragment allowed")
-    endpoint = parse_endpoint(urllib.parse.urlunsplit((scheme, parts.netloc, "", "", "")))
-    return endpoint, parts.path.rstrip("/")
+    return endpoint_of(parts, scheme, url, "URL"), parts.path.rstrip("/")
 
 
 class UnimplementedError(PeerTransportError):
