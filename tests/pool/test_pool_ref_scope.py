@@ -12,6 +12,7 @@ import trio
 from peerflow import (
     Context,
     PeerPool,
+    PeerRefNotFoundError,
     PeerServer,
     PeerUnavailableError,
     RefLifetime,
@@ -20,6 +21,7 @@ from peerflow import (
     StopEvent,
     Workflow,
 )
+from peerflow._peer import pool as pool_module
 
 PARENT = RefLifetime.UNTIL_PARENT_FINISH.value
 EXPLICIT = RefLifetime.UNTIL_EXPLICIT_DROP.value
@@ -298,3 +300,23 @@ async def test_a_released_ref_is_forgotten_by_its_scope(peers: Peers) -> None:
             assert root.refs == set()
             assert pool._ref_nodes == {}
         assert peers.refs() == 0
+
+
+async def test_a_ref_released_again_answers_false_as_on_a_client(
+    peers: Peers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pool_module, "_RELEASED_KEPT", 2)
+    with trio.fail_after(20):
+        async with PeerPool(peers.urls, "caller", token=None) as pool:
+            refs = [await _keep(pool) for _ in range(3)]
+            for ref_uuid in refs:
+                assert await pool.release_session_ref(ref_uuid) is True
+            # The latest two are still routed to their nodes, which no longer
+            # hold them.
+            assert await pool.release_session_ref(refs[2]) is False
+            with pytest.raises(PeerRefNotFoundError, match="not found"):
+                await pool.deref_session_ref(refs[1])
+            # The oldest was forgotten: the pool cannot say where it lived.
+            with pytest.raises(PeerRefNotFoundError, match="released it long ago"):
+                await pool.release_session_ref(refs[0])
+            assert len(pool._released) == 2

@@ -49,6 +49,9 @@ from .logs import PeerLogger
 
 __all__ = ["PeerPool", "PoolMember"]
 
+# How many released refs a pool still routes (see PeerPool._released).
+_RELEASED_KEPT = 4096
+
 
 @final
 @attrs.frozen
@@ -243,6 +246,10 @@ class PeerPool:
         self._max_reconnect_delay = max_reconnect_delay
         self._log = PeerLogger("pool", node_id)
         self._ref_nodes: dict[str, str] = {}
+        # The latest refs released through the pool, with their nodes: their
+        # release again answers False and a deref reaches the node's "not
+        # found", as on a PeerClient. Bounded, oldest forgotten first.
+        self._released: dict[str, str] = {}
         self._node_members: dict[str, _Member] = {}
         self._turn = 0
         self._running: AbstractAsyncContextManager[PeerPool] | None = None
@@ -535,7 +542,7 @@ class PeerPool:
                 for member in scope.members:
                     nursery.start_soon(release, member)
         for ref_uuid in scope.refs:
-            self._ref_nodes.pop(ref_uuid, None)
+            self._forget(ref_uuid)
 
     # -- choosing ------------------------------------------------------------------
 
@@ -570,12 +577,21 @@ class PeerPool:
                 self._node_members[node] = member
                 member.node_ids.add(node)
 
+    def _forget(self, ref_uuid: str) -> None:
+        node = self._ref_nodes.pop(ref_uuid, None)
+        if node is not None:
+            self._released[ref_uuid] = node
+            if len(self._released) > _RELEASED_KEPT:
+                del self._released[next(iter(self._released))]
+
     def _holder(self, ref_uuid: str, origin_node_id: str | None) -> tuple[_Member, PeerClient]:
         self._open_root()
-        node = origin_node_id or self._ref_nodes.get(ref_uuid)
+        node = origin_node_id or self._ref_nodes.get(ref_uuid) or self._released.get(ref_uuid)
         if node is None:
             raise PeerRefNotFoundError(
-                ref_uuid, " in this pool (it handed out no such ref; pass origin_node_id)"
+                ref_uuid,
+                " in this pool (it handed out no such ref, or released it long ago; "
+                "pass origin_node_id)",
             )
         member = self._node_members.get(node)
         if member is None:
@@ -759,7 +775,7 @@ class PeerPool:
             released = await client.release_session_ref(ref_uuid, timeout=timeout)
         finally:
             member.call_ended()
-        self._ref_nodes.pop(ref_uuid, None)
+        self._forget(ref_uuid)
         for scope in self._open_scopes:  # released: no scope needs to forget it later
             scope.refs.discard(ref_uuid)
         return released
