@@ -15,7 +15,7 @@ import trio
 import trio.testing
 
 from peer_steps import Probe
-from peerflow import PeerServer, PeerTransportError
+from peerflow import PeerServer, PeerUnavailableError
 
 
 @attrs.define
@@ -37,7 +37,7 @@ class MemoryPeer:
         """
         assert self.connections is not None
         if self.connections.cancel_scope.cancel_called:
-            raise PeerTransportError("cannot connect: the peer has stopped listening")
+            raise PeerUnavailableError("cannot connect: the peer has stopped listening")
         pair = trio.testing.lockstep_stream_pair if lockstep else trio.testing.memory_stream_pair
         client_stream, server_stream = pair()
         self.connections.start_soon(self.server.serve_stream, server_stream)

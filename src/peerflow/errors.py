@@ -233,9 +233,10 @@ class PeerTimeoutError(PeerTransportError):
 class PeerUnavailableError(PeerTransportError):
     """The call never started on the peer, so it is safe to retry.
 
-    The connection was already closed or going away (GOAWAY), the peer
-    refused the stream (RST_STREAM REFUSED_STREAM), or it (or a proxy in
-    front of it) answered gRPC UNAVAILABLE. :class:`~peerflow.PeerPool` fails
+    The connection could not be made (refused, unreachable), was already
+    closed or going away (GOAWAY), the peer refused the stream (RST_STREAM
+    REFUSED_STREAM), or it (or a proxy in front of it) answered gRPC
+    UNAVAILABLE. :class:`~peerflow.PeerPool` fails
     such calls over to another peer.
     """
 

@@ -293,7 +293,7 @@ async def test_connect_over_tcp(server: PeerServer) -> None:
 
 async def test_connection_refused_names_the_address() -> None:
     port = free_port()
-    with trio.fail_after(TIMEOUT), pytest.raises(peerflow.PeerTransportError) as info:
+    with trio.fail_after(TIMEOUT), pytest.raises(peerflow.PeerUnavailableError) as info:
         async with WebSocketPeerClient.connect(f"http://127.0.0.1:{port}", "n", token=None):
             pass
     assert f"127.0.0.1:{port}" in str(info.value)

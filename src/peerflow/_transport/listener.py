@@ -21,7 +21,7 @@ from typing import final
 import trio
 
 from .._excgroups import collapse_excgroups
-from ..errors import PeerTimeoutError, PeerTransportError
+from ..errors import PeerTimeoutError, PeerTransportError, PeerUnavailableError
 from .config import H2Settings
 from .h2conn import StreamHandler, serve_h2_connection
 from .mapping import map_exceptions
@@ -371,8 +371,9 @@ async def connect_tcp(
     forever.
 
     Raises:
-        PeerTransportError: the connection was refused or failed, or the TLS
-            handshake failed; the message names ``host:port``.
+        PeerUnavailableError: the TCP connection was refused or failed, so
+            nothing reached the peer; the message names ``host:port``.
+        PeerTransportError: the TLS handshake failed.
         PeerTimeoutError: ``timeout`` passed first (or a deadline set by the
             caller did).
     """
@@ -388,8 +389,14 @@ async def connect_tcp(
 async def _connect_tcp(
     host: str, port: int, ssl_context: ssl.SSLContext | None, server_hostname: str | None
 ) -> trio.abc.Stream:
-    with map_exceptions(f"cannot connect to {host}:{port}"):
+    try:
         stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
+    except OSError as exc:
+        # Nothing reached the peer: a call that needed this connection (an
+        # HttpPeerClient opens one per call in flight) never started there.
+        raise PeerUnavailableError(
+            f"cannot connect to {host}:{port}: {str(exc) or type(exc).__name__}"
+        ) from exc
     if ssl_context is None:
         return stream
     tls = trio.SSLStream(stream, ssl_context, server_hostname=server_hostname or host)
