@@ -197,7 +197,7 @@ class Run:
         if self._timeout is not None:
             deadline = min(deadline, started + self._timeout)
         if deadline <= started:
-            return deadline - started  # a caller's deadline that has passed: run nothing
+            return 0.0  # a caller's deadline that has passed: no time at all, run nothing
         if deadline == math.inf:
             await self._run_steps()
             return None
