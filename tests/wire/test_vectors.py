@@ -3,8 +3,10 @@
 Each ``v<N>/<name>.msgpack`` decodes to the object in :data:`EXPECTED` and
 the current encoder reproduces it byte for byte; ``vectors.json`` describes
 the same maps language-neutrally (bytes as ``{"$bytes": base64}``) for
-implementers of other peers. Run this file as a script to write the vectors
-for the current version (never rewrite an older version's files).
+implementers of other peers. The ``ws_*`` vectors are the WebSocket
+variant's frames (:data:`FRAMES`), whose ``body`` and ``error`` carry the
+bytes of the envelope vectors above them. Run this file as a script to write
+the vectors for the current version (never rewrite an older version's files).
 """
 
 from __future__ import annotations
@@ -13,12 +15,24 @@ import base64
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import msgpack
 import pytest
 
 from peerflow import InlineRef, RefLifetime, RemoteRefDescriptor, SubWorkflowResponse
+from peerflow._peer.ws_frames import (
+    CallFrame,
+    CancelFrame,
+    ClientFrame,
+    EndFrame,
+    ErrorFrame,
+    MessageFrame,
+    ServerFrame,
+    decode_client_frame,
+    decode_server_frame,
+    encode_frame,
+)
 from peerflow._wire.codec import (
     decode_message,
     decode_stream_message,
@@ -191,12 +205,90 @@ FUTURE: dict[str, tuple[bool, dict[str, Any], Any]] = {
 }
 
 
+# The frames nest the envelope vectors: a frame's ``body`` or ``error`` is
+# exactly the bytes of the vector named here, so an implementer can check
+# the two layers apart.
+_CALL_BODY = encode_message(EXPECTED["invoke_request"][1])
+_RESPONSE_BODY = encode_message(EXPECTED["invoke_response"][1])
+_ERROR_BODY = encode_message(EXPECTED["error_unknown_step"][1])
+_TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+_TRACESTATE = "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"
+
+Direction = Literal["client", "server"]
+
+#: Every v1 WebSocket frame vector: file stem -> (who sends it, expected frame).
+FRAMES: dict[str, tuple[Direction, ClientFrame | ServerFrame]] = {
+    "ws_call": (
+        "client",
+        CallFrame(
+            7,
+            "InvokeSubWorkflow",
+            _CALL_BODY,
+            timeout_ms=2500,
+            traceparent=_TRACEPARENT,
+            tracestate=_TRACESTATE,
+        ),
+    ),
+    "ws_call_minimal": ("client", CallFrame(0, "InvokeSubWorkflow", _CALL_BODY)),
+    "ws_message": ("server", MessageFrame(7, _RESPONSE_BODY)),
+    "ws_end": ("server", EndFrame(7)),
+    # A call naming a step the peer lacks: NOT_FOUND with unknown_step details.
+    "ws_error": ("server", ErrorFrame(8, 5, _ERROR_BODY)),
+    "ws_cancel": ("client", CancelFrame(7)),
+}
+
+#: Frames from a future peer: v1 with extra keys, which must still decode.
+FUTURE_FRAMES: dict[str, tuple[Direction, dict[str, Any], ClientFrame | ServerFrame]] = {
+    "future_ws_call": (
+        "client",
+        {
+            "v": 1,
+            "id": 7,
+            "method": "InvokeSubWorkflow",
+            "priority": 3,
+            "body": _CALL_BODY,
+            "baggage": {"tenant": "acme"},
+        },
+        CallFrame(7, "InvokeSubWorkflow", _CALL_BODY),
+    ),
+    "future_ws_error": (
+        "server",
+        {"v": 1, "id": 8, "status": 5, "error": _ERROR_BODY, "retry_after_ms": 250},
+        ErrorFrame(8, 5, _ERROR_BODY),
+    ),
+    "future_ws_cancel": (
+        "client",
+        {"v": 1, "id": 7, "cancel": True, "reason": "caller gave up"},
+        CancelFrame(7),
+    ),
+}
+
+#: Which envelope vector each frame vector's payload holds, byte for byte.
+_NESTED: dict[str, str] = {
+    "ws_call": "invoke_request",
+    "ws_call_minimal": "invoke_request",
+    "ws_message": "invoke_response",
+    "ws_error": "error_unknown_step",
+    "future_ws_call": "invoke_request",
+    "future_ws_error": "error_unknown_step",
+}
+
+
 def _encode(stream: bool, message: Any) -> bytes:
     return encode_stream_message(message) if stream else encode_message(message)
 
 
 def _decode(stream: bool, message_type: type, data: bytes) -> Any:
     return decode_stream_message(data) if stream else decode_message(message_type, data)
+
+
+def _decode_frame(direction: Direction, data: bytes) -> ClientFrame | ServerFrame:
+    return decode_client_frame(data) if direction == "client" else decode_server_frame(data)
+
+
+def _frame_kind(direction: Direction, frame: ClientFrame | ServerFrame) -> str:
+    to = "server" if direction == "client" else "client"
+    return f"{type(frame).__name__} (websocket, {direction} to {to})"
 
 
 def _to_json(value: Any) -> Any:
@@ -229,9 +321,33 @@ def test_future_vector_with_unknown_keys_still_decodes(name: str) -> None:
     assert _decode(stream, type(expected), data) == expected
 
 
+@pytest.mark.parametrize("name", sorted(FRAMES))
+def test_frame_vector_decodes_and_reencodes_byte_for_byte(name: str) -> None:
+    direction, expected = FRAMES[name]
+    data = _read(name)
+    assert _decode_frame(direction, data) == expected
+    assert encode_frame(expected) == data
+
+
+@pytest.mark.parametrize("name", sorted(FUTURE_FRAMES))
+def test_future_frame_vector_with_unknown_keys_still_decodes(name: str) -> None:
+    direction, body, expected = FUTURE_FRAMES[name]
+    data = _read(name)
+    assert msgpack.unpackb(data) == body
+    assert _decode_frame(direction, data) == expected
+
+
+@pytest.mark.parametrize("name", sorted(_NESTED))
+def test_frame_vector_carries_an_envelope_vector(name: str) -> None:
+    body = msgpack.unpackb(_read(name))
+    payload = body["error"] if "status" in body else body["body"]
+    assert payload == _read(_NESTED[name])
+
+
 def test_json_description_matches_the_files() -> None:
     manifest = json.loads((VECTORS / "v1" / "vectors.json").read_text("utf-8"))
-    assert {entry["name"] for entry in manifest} == set(EXPECTED) | set(FUTURE)
+    names = set(EXPECTED) | set(FUTURE) | set(FRAMES) | set(FUTURE_FRAMES)
+    assert {entry["name"] for entry in manifest} == names
     for entry in manifest:
         data = _read(entry["name"])
         assert data.hex() == entry["hex"]
@@ -249,6 +365,12 @@ def _write_vectors() -> None:
     for name, (stream, body, expected) in FUTURE.items():
         kind = f"{type(expected).__name__}{' (stream)' if stream else ''}"
         blobs.append((name, kind, msgpack.packb(body)))
+    # Frames come after the envelopes, so adding them left every earlier
+    # entry of vectors.json as it was.
+    for name, (direction, frame) in FRAMES.items():
+        blobs.append((name, _frame_kind(direction, frame), encode_frame(frame)))
+    for name, (direction, body, expected) in FUTURE_FRAMES.items():
+        blobs.append((name, _frame_kind(direction, expected), msgpack.packb(body)))
     for name, kind, data in blobs:
         (out / f"{name}.msgpack").write_bytes(data)
         body = _to_json(msgpack.unpackb(data))
