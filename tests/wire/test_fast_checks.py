@@ -220,6 +220,40 @@ def test_plain_wire_values_pass_the_fast_check(proof: str, value: Any) -> None:
         assert _scan(_body(value))
 
 
+def _scan_input(value: Any) -> bool:
+    """Scan a request's ``input`` the way encode_message does (the one field walked)."""
+    body = _body(value)
+    data = msgpack.Packer(strict_types=True, default=_pack_default).pack(body)
+    return scan_after_msgpack(body, len(data), (value,))
+
+
+@pytest.mark.skipif(not values._SKIP_LEAF_LEVEL, reason="the str-leaves shortcut needs it")
+def test_leaves_that_are_all_str_clear_the_map_keys_right_above_them() -> None:
+    # The level above the leaves is not counted, so even a dict kept in the
+    # general table (whose count would say "maybe not") clears: its keys are
+    # among the strs.
+    assert _scan_input({"rows": [{"t": "a", "u": "b"}, _general_table({"k": "v"})], "q": "c"})
+    # A non-str key shows up among them, away from the sampled ends.
+    assert not _scan_input({"rows": [_general_table({"a": "x", 2: "y", "b": "z", "c": "w"})]})
+    assert not _scan_input(["a", "b", _general_table({"c": "d", (): "e", "f": "g", "h": "i"})])
+    # An extension value's level holds its class, never only strs.
+    assert not _scan_input({"a": "x", "t": msgpack.ExtType(1, b"s"), "b": "y"})
+
+
+@pytest.mark.parametrize("depth", [MAX_DEPTH - 1, MAX_DEPTH, MAX_DEPTH + 1])
+@pytest.mark.parametrize("container", [list, dict])
+def test_str_leaves_count_as_deep_as_any_other(
+    depth: int, container: type, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    value: Any = "s"
+    for _ in range(depth):
+        value = ["x", value, "y"] if container is list else {"a": "x", "k": value, "b": "y"}
+    shortcut = _scan_input(value)
+    monkeypatch.setattr(values, "_JOINED_SIZE", -1)  # no message is small enough to join
+    assert shortcut is _scan_input(value)
+    assert shortcut is (depth < MAX_DEPTH)
+
+
 @_proofs
 def test_a_flat_map_passes_only_with_str_keys(proof: str) -> None:
     with _proving_keys(proof):

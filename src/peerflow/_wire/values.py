@@ -61,6 +61,9 @@ _ENCODABLE_LEAVES = _DECODED_LEAVES | {bytearray, memoryview}
 # how many values one level may hold before the walk checks for them.
 _WALKED_TYPES = _DECODED_LEAVES | {bytearray, list, tuple, dict}
 _UNCHECKED_VALUES = 1 << 16
+# The largest message whose leaves scan_after_msgpack joins to prove them all
+# str (the join copies them: at most this many characters).
+_JOINED_SIZE = 1 << 14
 
 
 class _Probe:
@@ -156,7 +159,8 @@ def scan_after_msgpack(
     # so no level of the message holds more values than it has bytes; a
     # level holding more, or more than _UNCHECKED_VALUES, has its types
     # looked at, and the walk stops at the first that is not all wire types.
-    # What is left is one pass over the containers for the map keys.
+    # What is left is one pass over the containers for the map keys (but
+    # not over the last level of them when the leaves below are all str).
     if not _EXTENSIONS_NEVER_END:
         return False
     parents: list[Any]
@@ -179,15 +183,36 @@ def scan_after_msgpack(
         return True  # a flat map, such as a deref chunk
     unchecked = size if size < _UNCHECKED_VALUES else _UNCHECKED_VALUES
     levels_left = MAX_DEPTH
+    last: Sequence[Any] = ()
     while below:
         levels_left -= 1
         if not levels_left:
             return False
-        parents += level
         if len(below) > unchecked and not _WALKED_TYPES.issuperset(map(type, below)):
             return False
+        parents += last
+        last = level
         level = below
         below = get_referents(*level)
+    # Now `level` holds leaves only, and `last` the level right above it. A
+    # dict in `last` lists its keys among those leaves if it lists them at
+    # all, so leaves that are all str clear its keys, and `last` can be left
+    # out of the count. join refuses anything but a str (and msgpack a str
+    # subclass); the samples spare most other levels the cost of its error.
+    if not (
+        _SKIP_LEAF_LEVEL
+        and size <= _JOINED_SIZE
+        and type(level[-1]) is str
+        and type(level[0]) is str
+        and type(level[1 % len(level)]) is str
+        and type(level[-2 % len(level)]) is str
+    ):
+        parents += last
+    else:
+        try:
+            "".join(level)
+        except TypeError:
+            parents += last
     if not _SKIP_LEAF_LEVEL:
         # Here a dict may hide its values, and so have no referents.
         parents += level
