@@ -26,6 +26,12 @@ class Progress(Event, event_type="tests.Progress"):
     n: int
 
 
+@attrs.define
+class Chatter(Event, event_type="tests.Chatter"):
+    n: int
+    note: str
+
+
 class Opaque:
     """A value with no serializer: live-only on its node."""
 
@@ -101,6 +107,20 @@ def build_steps(probe: Probe) -> StepRegistry:
         probe.started.set()
         await probe.gate.wait()
         return StopEvent(result="through the gate")
+
+    @wf.step("chatty", accepts=[StartEvent])
+    async def chatty(event: StartEvent, ctx: Context) -> StopEvent:
+        # Streams event.data events of about a kilobyte at once, then waits.
+        for n in range(event.data):
+            ctx.write_event_to_stream(Chatter(n, "x" * 1000))
+        probe.started.set()
+        try:
+            await probe.gate.wait()
+        except trio.Cancelled:
+            probe.cancelled = True
+            probe.stopped.set()
+            raise
+        return StopEvent(result="streamed")
 
     @wf.step("progress", accepts=[StartEvent])
     async def progress(event: StartEvent, ctx: Context) -> StopEvent:

@@ -36,7 +36,7 @@ from .._wire.envelopes import (
     StreamEvent,
 )
 from .._wire.framing import NEED_DATA, FrameDecoder, encode_frame, encode_frame_prefix
-from ..errors import PeerEncodeError, PeerError, PeerflowError, PeerTimeoutError
+from ..errors import PeerEncodeError, PeerError, PeerflowError, PeerLimitError, PeerTimeoutError
 from .calls import CallGate, deadline_from_grpc_timeout, name_call
 from .http_json import JSON_PATH_PREFIX
 from .limits import Limits
@@ -257,16 +257,34 @@ class GrpcHandler:
         self._service.assemble(request)  # unknown steps fail before headers go out
         stream.send_headers(_RESPONSE_HEADERS)
 
+        # Whether a message is partly out: if the call fails then (its
+        # backlog overflowed, its deadline passed), trailers after the part
+        # would read as a truncated message, so the stream is reset instead.
+        sending = False
+
+        async def send(message: bytes) -> None:
+            nonlocal sending
+            sending = True
+            await self._send(stream, encode_frame(message))
+            sending = False
+
         async def forward(event: Event) -> None:
             wire = event_to_wire(event)
-            message = StreamEvent(wire["event_type"], wire["data"])
-            await self._send(stream, encode_frame(encode_stream_message(message)))
+            await send(encode_stream_message(StreamEvent(wire["event_type"], wire["data"])))
 
-        response = await self._service.invoke(request, caller, deadline=deadline, on_event=forward)
-        body = encode_response(encode_stream_message, response)
-        with self._service.delivering(response, caller, stream.watch_delivery):
-            await self._send(stream, encode_frame(body))
-            stream.send_trailers(_OK_TRAILERS)
+        try:
+            response = await self._service.invoke(
+                request, caller, deadline=deadline, on_event=forward
+            )
+            with self._service.delivering(response, caller, stream.watch_delivery):
+                await send(encode_response(encode_stream_message, response))
+                stream.send_trailers(_OK_TRAILERS)
+        except BaseException as exc:
+            if sending:
+                # gRPC reads ENHANCE_YOUR_CALM as RESOURCE_EXHAUSTED.
+                limited = isinstance(exc, PeerLimitError)
+                stream.reset(ErrorCodes.ENHANCE_YOUR_CALM if limited else ErrorCodes.CANCEL)
+            raise
 
     async def _deref(
         self, stream: ServerStream, raw: bytes, caller: Caller, deadline: float

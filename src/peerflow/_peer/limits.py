@@ -57,6 +57,9 @@ class Limits:
         reset_budget: calls one connection may cancel (RST_STREAM) in a
             burst, refilled by as many each second; a connection that
             cancels faster is closed with GOAWAY(ENHANCE_YOUR_CALM).
+        stream_backlog: events of one ``StreamSubWorkflow`` call that may
+            wait for a caller reading slower than its run streams; one more
+            fails the call with RESOURCE_EXHAUSTED and cancels the run.
 
     Raises:
         ValueError: a value is not positive.
@@ -84,6 +87,7 @@ class Limits:
     lease_grace: float = attrs.field(default=60.0, validator=_positive)
     drain_grace: float = attrs.field(default=10.0, validator=_positive)
     reset_budget: int = attrs.field(default=1000, validator=_positive)
+    stream_backlog: int = attrs.field(default=4096, validator=_positive)
 
     def h2_settings(self, *, server: bool) -> H2Settings:
         """The HTTP/2 connection settings these limits imply."""

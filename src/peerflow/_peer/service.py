@@ -21,6 +21,7 @@ from .._engine.events import Event
 from .._engine.run import RunResult
 from .._engine.steps import StepRegistry, StepSpec
 from .._engine.workflow import Workflow
+from .._excgroups import collapse_excgroups
 from .._refs.descriptor import RefLifetime
 from .._refs.registry import RefEntry, SessionRefRegistry
 from .._refs.serializers import serializer_for_type
@@ -33,6 +34,7 @@ from .._wire.envelopes import (
 )
 from ..errors import (
     PeerEncodeError,
+    PeerLimitError,
     PeerTimeoutError,
     PeerUnknownStepError,
     StepError,
@@ -154,7 +156,9 @@ class PeerService:
             PeerUnknownStepError: a step id is unknown; nothing ran.
             PeerTimeoutError: the caller's deadline passed first.
             PeerLimitError: the request names a lease that is not open, and
-                the caller may open no more.
+                the caller may open no more; or ``on_event`` fell more than
+                ``limits.stream_backlog`` events behind the run (which is
+                then cancelled).
         """
         workflow = self.assemble(request)
         if request.timeout_ms is not None:
@@ -193,8 +197,7 @@ class PeerService:
                     deadline=run_deadline,
                 ) as handle:
                     run_id = handle.run_id
-                    async for event in handle.events():
-                        await on_event(event)
+                    await _forward(handle.events(), on_event, self.limits.stream_backlog)
                     try:
                         outcome = await handle.result()
                     except WorkflowError as exc:
@@ -385,6 +388,43 @@ def deref_pieces(
     yield payload[:chunk_size], type_tag, total
     for offset in range(chunk_size, total, chunk_size):
         yield payload[offset : offset + chunk_size], None, None
+
+
+async def _forward(
+    events: trio.MemoryReceiveChannel[Event],
+    on_event: Callable[[Event], Awaitable[None]],
+    backlog: int,
+) -> None:
+    """Hand a run's streamed events to ``on_event``, holding at most ``backlog`` unsent.
+
+    Steps stream without waiting (``write_event_to_stream`` never blocks), so
+    a caller that reads slower than its run streams would otherwise make the
+    server hold every event until the run ends. The events are taken off the
+    run's stream as they come; one more than ``backlog`` waiting fails the
+    call, and so cancels the run.
+
+    Raises:
+        PeerLimitError: ``backlog`` events were waiting and another came.
+    """
+    waiting_in, waiting = trio.open_memory_channel[Event](backlog)
+
+    async def take() -> None:
+        async with waiting_in:
+            async for event in events:
+                try:
+                    waiting_in.send_nowait(event)
+                except trio.WouldBlock:
+                    raise PeerLimitError(
+                        f"the caller reads the event stream too slowly: {backlog} events "
+                        "are waiting (Limits.stream_backlog)"
+                    ) from None
+
+    with collapse_excgroups():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(take)
+            async with waiting:
+                async for event in waiting:
+                    await on_event(event)
 
 
 def _failure(exc: WorkflowError) -> SubWorkflowResponse:

@@ -40,7 +40,13 @@ from h2.stream import StreamInputs
 from h2.utilities import authority_from_headers, extract_method_header
 
 from .._excgroups import collapse_excgroups
-from ..errors import PeerTimeoutError, PeerTransportError, PeerUnavailableError
+from ..errors import (
+    PeerError,
+    PeerLimitError,
+    PeerTimeoutError,
+    PeerTransportError,
+    PeerUnavailableError,
+)
 from .config import H2Settings
 from .mapping import to_peer_error
 
@@ -753,7 +759,7 @@ class _Stream:
         self._buffered = 0
         self._remote_ended = False
         self._local_ended = False
-        self._failure: PeerTransportError | None = None
+        self._failure: PeerError | None = None
         self._reset_code: int | None = None
         # The peer answered in full, then asked us to stop sending
         # (RST_STREAM NO_ERROR): the rest of our body is dropped, not an error.
@@ -785,15 +791,22 @@ class _Stream:
         if failure is not None:
             raise type(failure)(str(failure))
 
-    def _fail(self, failure: PeerTransportError) -> None:
+    def _fail(self, failure: PeerError) -> None:
         if self._failure is None:
             self._failure = failure
         self._lot.unpark_all()
 
     def _on_reset(self, code: int) -> None:
         self._reset_code = code
-        # REFUSED_STREAM promises the peer did not process the stream.
-        kind = PeerUnavailableError if code == ErrorCodes.REFUSED_STREAM else PeerTransportError
+        # REFUSED_STREAM promises the peer did not process the stream;
+        # ENHANCE_YOUR_CALM is gRPC's RESOURCE_EXHAUSTED for a cut stream.
+        kind: type[PeerError] = (
+            PeerUnavailableError
+            if code == ErrorCodes.REFUSED_STREAM
+            else PeerLimitError
+            if code == ErrorCodes.ENHANCE_YOUR_CALM
+            else PeerTransportError
+        )
         self._fail(kind(f"stream {self.stream_id} was reset by the peer ({_code_name(code)})"))
 
     async def receive_data(self) -> bytes | memoryview:
