@@ -11,8 +11,9 @@ import pytest
 import trio
 import trio.testing
 
-from peer_steps import Probe
-from peerflow import Limits, PeerServer
+from peer_steps import Probe, build_steps
+from peerflow import Limits, PeerServer, PeerTransportError
+from peerflow._transport.config import H2Settings
 from peerflow._transport.h2conn import ClientStream, H2ClientConnection, open_h2_client
 
 Headers = list[tuple[bytes, bytes]]
@@ -129,3 +130,35 @@ async def test_resetting_the_stream_cancels_the_run(
         await trio.testing.wait_all_tasks_blocked()
         assert len(server.refs) == 0
         assert server.refs.statistics().runs == 0
+
+
+async def _read_into(stream: ClientStream, received: bytearray) -> None:
+    while chunk := await stream.receive_data():
+        received += chunk
+
+
+async def test_a_stream_cut_mid_line_is_reset_not_ended_with_an_error_line(probe: Probe) -> None:
+    # The caller's small window fills mid-line; its backlog then overflows.
+    # An error line after the cut part would read as one garbled line, so the
+    # stream is reset instead, as on gRPC.
+    server = PeerServer("node-b", registry=build_steps(probe), limits=Limits(stream_backlog=8))
+    settings = H2Settings(initial_stream_window=16 * 1024)
+    received = bytearray()
+    with trio.fail_after(10):
+        async with AsyncExitStack() as stack:
+            await stack.enter_async_context(server.running())
+            client_stream, server_stream = trio.testing.memory_stream_pair()
+            nursery = await stack.enter_async_context(trio.open_nursery())
+            nursery.start_soon(server.serve_stream, server_stream)
+            conn = await stack.enter_async_context(open_h2_client(client_stream, settings))
+            data = json.dumps(invoke(["chatty"], 200)).encode()
+            async with await conn.open_stream(headers("StreamSubWorkflow"), body=data) as stream:
+                assert (await stream.receive_headers())[0] == (b":status", b"200")
+                await probe.stopped.wait()  # the peer gave up on the call
+                with pytest.raises(PeerTransportError, match="reset by the peer"):
+                    await _read_into(stream, received)
+            nursery.cancel_scope.cancel()
+    *lines, rest = bytes(received).split(b"\n")
+    assert lines  # whole lines...
+    assert rest  # ...then the part of the one that was cut
+    assert all(json.loads(line)["kind"] == "event" for line in lines)

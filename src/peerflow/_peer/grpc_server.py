@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Awaitable, Callable, Hashable
-from types import TracebackType
 from typing import Final, final
 
 import trio
@@ -37,7 +36,7 @@ from .._wire.envelopes import (
     StreamEvent,
 )
 from .._wire.framing import NEED_DATA, FrameDecoder, encode_frame, encode_frame_prefix
-from ..errors import PeerEncodeError, PeerError, PeerflowError, PeerLimitError, PeerTimeoutError
+from ..errors import PeerEncodeError, PeerError, PeerflowError, PeerTimeoutError
 from .calls import CallGate, deadline_from_grpc_timeout, name_call
 from .http_json import JSON_PATH_PREFIX
 from .limits import Limits
@@ -201,6 +200,11 @@ class GrpcHandler:
         trailers = status_trailers(exc)
         if stream.reset_code is not None:
             return
+        if stream.body_cut:
+            # Part of a message is out (a backlog overflowed, a deadline
+            # passed mid-message): trailers would read as its truncated rest.
+            stream.abort(exc)
+            return
         try:
             if stream.response_started:
                 stream.send_trailers(trailers)
@@ -212,6 +216,30 @@ class GrpcHandler:
     @staticmethod
     def _trailers_only(stream: ServerStream, trailers: list[tuple[bytes, bytes]]) -> None:
         stream.send_headers([*_RESPONSE_HEADERS, *trailers], end_stream=True)
+
+    async def _send(self, stream: ServerStream, *message: bytes | memoryview) -> None:
+        """Send one message of a streamed response (in pieces, to spare a copy).
+
+        Flow control would otherwise hold the call, and all a run streams
+        meanwhile, for as long as the connection lives. As the HTTP/1.1 and
+        WebSocket front ends do, a message that the client does not take
+        within ``request_timeout`` ends the call, which cancels its run. The
+        stream is reset (CANCEL), not ended with a status: part of the
+        message may be out, and trailers after it would read as a
+        truncated message.
+
+        Raises:
+            PeerTimeoutError: the client did not take the message in time.
+            PeerTransportError: the stream was reset or the connection failed.
+        """
+        timeout = self._limits.request_timeout
+        with trio.move_on_after(timeout):
+            await stream.send_data(*message)
+            return
+        stream.reset(ErrorCodes.CANCEL)
+        raise PeerTimeoutError(
+            f"the client stopped reading the response ({timeout:g}s without taking a message)"
+        )
 
     @staticmethod
     async def _unary_reply(stream: ServerStream, body: bytes) -> None:
@@ -234,20 +262,16 @@ class GrpcHandler:
         self._service.assemble(request)  # unknown steps fail before headers go out
         stream.send_headers(_RESPONSE_HEADERS)
 
-        with _Answer(stream, self._limits.request_timeout) as answer:
+        async def forward(event: Event) -> None:
+            wire = event_to_wire(event)
+            message = StreamEvent(wire["event_type"], wire["data"])
+            await self._send(stream, encode_frame(encode_stream_message(message)))
 
-            async def forward(event: Event) -> None:
-                wire = event_to_wire(event)
-                message = StreamEvent(wire["event_type"], wire["data"])
-                await answer.send(encode_frame(encode_stream_message(message)))
-
-            response = await self._service.invoke(
-                request, caller, deadline=deadline, on_event=forward
-            )
-            body = encode_response(encode_stream_message, response)
-            with self._service.delivering(response, caller, stream.watch_delivery):
-                await answer.send(encode_frame(body))
-                stream.send_trailers(_OK_TRAILERS)
+        response = await self._service.invoke(request, caller, deadline=deadline, on_event=forward)
+        body = encode_response(encode_stream_message, response)
+        with self._service.delivering(response, caller, stream.watch_delivery):
+            await self._send(stream, encode_frame(body))
+            stream.send_trailers(_OK_TRAILERS)
 
     async def _deref(
         self, stream: ServerStream, raw: bytes, caller: Caller, deadline: float
@@ -255,13 +279,12 @@ class GrpcHandler:
         request = decode_message(DerefSessionRefRequest, raw)
         type_tag, payload = self._service.deref(request.ref_uuid, caller)
         stream.send_headers(_RESPONSE_HEADERS)
-        with _Answer(stream, self._limits.request_timeout) as answer:
-            for piece, tag, total in deref_pieces(type_tag, payload, self._limits.max_deref_chunk):
-                header = encode_deref_chunk_header(len(piece), type_tag=tag, total_size=total)
-                # Prefix and chunk header go first, then the slice itself: the
-                # value's bytes are never copied into a message.
-                await answer.send(encode_frame_prefix(len(header) + len(piece)) + header, piece)
-            stream.send_trailers(_OK_TRAILERS)
+        for piece, tag, total in deref_pieces(type_tag, payload, self._limits.max_deref_chunk):
+            header = encode_deref_chunk_header(len(piece), type_tag=tag, total_size=total)
+            # Prefix and chunk header go first, then the slice itself: the
+            # value's bytes are never copied into a message.
+            await self._send(stream, encode_frame_prefix(len(header) + len(piece)) + header, piece)
+        stream.send_trailers(_OK_TRAILERS)
 
     async def _release(
         self, stream: ServerStream, raw: bytes, caller: Caller, deadline: float
@@ -275,58 +298,3 @@ class GrpcHandler:
     ) -> None:
         request = decode_message(LeaseRequest, raw)
         await self._unary_reply(stream, encode_message(self._service.lease(request, caller)))
-
-
-@final
-class _Answer:
-    """The messages of one streamed answer, sent so that a failure cannot cut one.
-
-    A call that fails while part of a message is out (its deadline passed,
-    its event backlog overflowed) cannot end with trailers: they would read as
-    a truncated message. Leaving the block with an error then resets the
-    stream instead: ENHANCE_YOUR_CALM for a limit (gRPC reads it as
-    RESOURCE_EXHAUSTED), CANCEL otherwise.
-    """
-
-    def __init__(self, stream: ServerStream, timeout: float) -> None:
-        self._stream = stream
-        self._timeout = timeout
-        self._mid_message = False
-
-    def __enter__(self) -> _Answer:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc is not None and self._mid_message:
-            limited = isinstance(exc, PeerLimitError)
-            self._stream.reset(ErrorCodes.ENHANCE_YOUR_CALM if limited else ErrorCodes.CANCEL)
-
-    async def send(self, *parts: bytes | memoryview) -> None:
-        """Send one message, given as consecutive pieces of its bytes.
-
-        Flow control would otherwise hold the call, and all a run streams
-        meanwhile, for as long as the connection lives. As the HTTP/1.1 and
-        WebSocket front ends do, a message that the client does not take
-        within ``timeout`` (``request_timeout``) ends the call, which cancels
-        its run; the stream is reset (CANCEL).
-
-        Raises:
-            PeerTimeoutError: the client did not take the message in time.
-            PeerTransportError: the stream was reset or the connection failed.
-        """
-        self._mid_message = True
-        with trio.move_on_after(self._timeout):
-            for part in parts:
-                if part:
-                    await self._stream.send_data(part)
-            self._mid_message = False
-            return
-        self._stream.reset(ErrorCodes.CANCEL)
-        raise PeerTimeoutError(
-            f"the client stopped reading the response ({self._timeout:g}s without taking a message)"
-        )

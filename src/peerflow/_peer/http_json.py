@@ -29,7 +29,7 @@ from .._wire.envelopes import (
     ReleaseSessionRefResponse,
     StreamEvent,
 )
-from ..errors import PeerError, PeerflowError, PeerLimitError, PeerTimeoutError
+from ..errors import PeerError, PeerflowError, PeerLimitError, PeerTimeoutError, PeerTransportError
 from .calls import TIMEOUT_MS_HEADER, CallGate, deadline_from_timeout_ms
 from .json_codec import (
     END_LINE,
@@ -389,7 +389,16 @@ class H2Exchange:
         await trio.lowlevel.checkpoint()
 
     async def send(self, data: bytes) -> None:
-        """Send body bytes, paced by flow control."""
+        """Send body bytes, paced by flow control.
+
+        Raises:
+            PeerTransportError: the stream failed, or an earlier send stopped
+                mid-line, so anything more would read as that line's rest
+                (as h11 refuses after a cut write; the stream is reset when
+                the call ends).
+        """
+        if self._stream.body_cut:
+            raise PeerTransportError("the answer was cut off mid-line")
         await self._stream.send_data(data)
 
     async def end_stream(self) -> None:

@@ -764,6 +764,8 @@ class _Stream:
         # The peer answered in full, then asked us to stop sending
         # (RST_STREAM NO_ERROR): the rest of our body is dropped, not an error.
         self._cut_short = False
+        # A send stopped (cancelled or failed) after part of its bytes went out.
+        self._body_cut = False
         self._lot = trio.lowlevel.ParkingLot()
 
     @property
@@ -890,44 +892,71 @@ class _Stream:
                 self._mark_local_ended()
             return
         offset = 0
-        while offset < total:
-            if self._cut_short:
-                return
-            self._check_sendable()
-            window = h2c.local_flow_control_window(stream_id)
-            if window <= 0:
-                conn._flush()
-                await conn._window_lot.park()
-                continue
-            n = min(window, h2c.max_outbound_frame_size, total - offset)
-            last = offset + n == total
-            try:
-                h2c.send_data(stream_id, view[offset : offset + n], end_stream=end_stream and last)
-            except h2.exceptions.H2Error as exc:
-                raise _h2_failure(exc, f"cannot send data on stream {stream_id}") from exc
-            offset += n
-            if last and end_stream:
-                self._mark_local_ended()
-            if not last or n >= _SEPARATE_PAYLOAD:
-                conn._flush()
-                if conn._outq_bytes > conn._settings.write_buffer_size:
-                    await conn._wait_write_room()
+        try:
+            while offset < total:
+                if self._cut_short:
+                    return
+                self._check_sendable()
+                window = h2c.local_flow_control_window(stream_id)
+                if window <= 0:
+                    conn._flush()
+                    await conn._window_lot.park()
+                    continue
+                n = min(window, h2c.max_outbound_frame_size, total - offset)
+                last = offset + n == total
+                try:
+                    h2c.send_data(
+                        stream_id, view[offset : offset + n], end_stream=end_stream and last
+                    )
+                except h2.exceptions.H2Error as exc:
+                    raise _h2_failure(exc, f"cannot send data on stream {stream_id}") from exc
+                offset += n
+                if last and end_stream:
+                    self._mark_local_ended()
+                if not last or n >= _SEPARATE_PAYLOAD:
+                    conn._flush()
+                    if conn._outq_bytes > conn._settings.write_buffer_size:
+                        await conn._wait_write_room()
+        except BaseException:
+            if offset:
+                self._body_cut = True
+            raise
 
     async def send_data(
-        self, data: bytes | bytearray | memoryview, *, end_stream: bool = False
+        self, *data: bytes | bytearray | memoryview, end_stream: bool = False
     ) -> None:
         """Send body bytes, waiting for flow-control window as needed.
 
-        Large payloads are chunked by the peer's max frame size without
-        copying the whole buffer; pass a memoryview to avoid any copy.
+        Several buffers go out one after the other as one piece of the body
+        (a message and its payload, with no copy to join them). Large
+        payloads are chunked by the peer's max frame size without copying
+        the whole buffer; pass a memoryview to avoid any copy. A send that
+        stops partway sets :attr:`body_cut`.
 
         Raises:
             PeerTransportError: the stream was reset, already ended, or the
                 connection failed.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
-        await self._queue_data(data, end_stream)
+        last = len(data) - 1
+        for index, part in enumerate(data):
+            try:
+                await self._queue_data(part, end_stream and index == last)
+            except BaseException:
+                if index:  # the piece's first buffers went out
+                    self._body_cut = True
+                raise
         self._conn._flush()
+
+    @property
+    def body_cut(self) -> bool:
+        """Whether a send stopped (cancelled or failed) after part of its bytes went out.
+
+        Whatever followed on the stream, trailers included, would read as the
+        rest of that piece: a truncated message. Such a stream can only be
+        reset (see :meth:`ServerStream.abort`).
+        """
+        return self._body_cut
 
     def end_stream(self) -> None:
         """Finish our side of the stream (an empty DATA frame with END_STREAM).
@@ -1026,6 +1055,16 @@ class ServerStream(_Stream):
             PeerTransportError: the stream was reset or already ended.
         """
         self.send_headers(trailers, end_stream=True)
+
+    def abort(self, error: BaseException) -> None:
+        """Reset the stream because the call failed with ``error`` and cannot say so.
+
+        For an answer whose body was cut (:attr:`body_cut`): ENHANCE_YOUR_CALM
+        for a :class:`~peerflow.PeerLimitError` (gRPC reads it as
+        RESOURCE_EXHAUSTED, and so do peerflow's clients), CANCEL otherwise.
+        """
+        limited = isinstance(error, PeerLimitError)
+        self.reset(ErrorCodes.ENHANCE_YOUR_CALM if limited else ErrorCodes.CANCEL)
 
     def watch_delivery(self, on_lost: Callable[[], None]) -> None:
         """Call ``on_lost`` if the client resets the stream without having read the response.
